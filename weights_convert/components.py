@@ -7,14 +7,13 @@ are read only with ``allow_pickle=True``.
 
 from __future__ import annotations
 
-import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from jaxdiff.nn import template_maker
+from jaxdiff.checkpoint import component_kind, config_from_dict, param_template
 from weights_convert.convert import ComponentRules, state_dict_to_params
 from weights_convert.readers import CheckpointError, read_checkpoint
 from weights_convert.rules import Rename
@@ -22,28 +21,19 @@ from weights_convert.rules import Rename
 
 @dataclass(frozen=True)
 class ComponentKind:
-    """Where a component's model code lives and how its keys are renamed."""
+    """How a component's weights are stored and how its keys are renamed (model code: jaxdiff.checkpoint)."""
 
-    module: str        # jaxdiff module
-    config_cls: str    # frozen config dataclass with ``from_diffusers(dict)``
-    init_fn: str       # ``init_*(mk, config) -> params``
     weight_stem: str   # ``diffusion_pytorch_model`` or ``model``
     rules: ComponentRules = ComponentRules()
 
-    def config_from_dict(self, d: dict):
-        return getattr(importlib.import_module(self.module), self.config_cls).from_diffusers(d)
-
-    def template(self, config) -> dict:
-        return getattr(importlib.import_module(self.module), self.init_fn)(template_maker(), config)
-
 
 # transformers >= 5.6 saves CLIPTextModel keys without the ``text_model.`` prefix; real SD checkpoints keep it.
-_CLIP_RULES = ComponentRules(renames=(Rename(r"^text_model\.", ""),))
+CLIP_RULES = ComponentRules(renames=(Rename(r"^text_model\.", ""),))
 
 KINDS: dict[str, ComponentKind] = {
-    "unet": ComponentKind("jaxdiff.unet", "UNetConfig", "init_unet", "diffusion_pytorch_model"),
-    "vae": ComponentKind("jaxdiff.vae", "VAEConfig", "init_vae", "diffusion_pytorch_model"),
-    "text_encoder": ComponentKind("jaxdiff.clip", "CLIPTextConfig", "init_clip_text", "model", _CLIP_RULES),
+    "unet": ComponentKind("diffusion_pytorch_model"),
+    "vae": ComponentKind("diffusion_pytorch_model"),
+    "text_encoder": ComponentKind("model", CLIP_RULES),
 }
 
 
@@ -77,18 +67,27 @@ def read_component_state_dict(folder: Path, stem: str, allow_pickle: bool = Fals
     return sd
 
 
-def load_component(folder: str | Path, kind: str, *, allow_pickle: bool = False, dtype=np.float32):
-    """Load ``folder`` (a diffusers component folder) as ``kind`` -> ``(config, params)``.
-
-    ``kind``: ``"unet"``, ``"vae"`` or ``"text_encoder"`` (also used for ``text_encoder_2``).
-    """
+def convert_component(folder: str | Path, kind: str, *, allow_pickle: bool = False, dtype=np.float32):
+    """Convert a diffusers component folder -> ``(config_dict, config, params)``."""
     folder = Path(folder)
+    kind = component_kind(kind)
     if kind not in KINDS:
         raise ValueError(f"unknown component kind {kind!r}; known: {sorted(KINDS)}")
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a folder (expected a diffusers {kind} folder)")
     k = KINDS[kind]
-    config = k.config_from_dict(read_json(folder / "config.json"))
+    config_dict = read_json(folder / "config.json")
+    config = config_from_dict(kind, config_dict)
     sd = read_component_state_dict(folder, k.weight_stem, allow_pickle)
-    params, _ = state_dict_to_params(sd, k.template(config), k.rules, what=f"{folder} as {kind}", dtype=dtype)
+    params, _ = state_dict_to_params(sd, param_template(kind, config), k.rules, what=f"{folder} as {kind}",
+                                     dtype=dtype)
+    return config_dict, config, params
+
+
+def load_component(folder: str | Path, kind: str, *, allow_pickle: bool = False, dtype=np.float32):
+    """Load ``folder`` (a diffusers component folder) as ``kind`` -> ``(config, params)``.
+
+    ``kind``: ``"unet"``, ``"vae"`` or ``"text_encoder"`` (``"text_encoder_2"`` is the same kind).
+    """
+    _, config, params = convert_component(folder, kind, allow_pickle=allow_pickle, dtype=dtype)
     return config, params

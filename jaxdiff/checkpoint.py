@@ -1,0 +1,162 @@
+"""Converted checkpoints: an Orbax checkpoint of every component's params plus a JSON manifest.
+
+Layout of a converted model folder (written by ``python -m weights_convert SRC DST``)::
+
+    DST/manifest.json        format version, source path + sha256, per-component diffusers config dicts,
+                             leaf/parameter counts, converter key accounting
+    DST/params/              Orbax (StandardCheckpointer) pytree {component: params}
+    DST/tokenizer[_2]/       copied tokenizer files (vocab.json + merges.txt or tokenizer.json)
+    DST/scheduler/scheduler_config.json
+
+Writes are atomic: everything is written into a sibling temporary folder that is renamed onto ``DST`` only
+when complete, so an interrupted conversion never leaves a half-written model where a good one was.
+Restoring is strict: the manifest's configs give the template, and Orbax refuses any tree mismatch.
+This module knows nothing about PyTorch names (that is ``weights_convert``'s job).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from jaxdiff.nn import template_maker
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+# component kind -> (module, config class, init function); configs are rebuilt from diffusers dicts.
+COMPONENT_MODELS = {
+    "unet": ("jaxdiff.unet", "UNetConfig", "init_unet"),
+    "vae": ("jaxdiff.vae", "VAEConfig", "init_vae"),
+    "text_encoder": ("jaxdiff.clip", "CLIPTextConfig", "init_clip_text"),
+}
+
+
+class ModelLoadError(ValueError):
+    """A converted model folder is missing, incomplete, or of an unknown format version."""
+
+
+def component_kind(name: str) -> str:
+    """``text_encoder_2`` -> ``text_encoder``; other names are their own kind."""
+    return "text_encoder" if name.startswith("text_encoder") else name
+
+
+def config_from_dict(name: str, d: dict):
+    module, cls, _ = COMPONENT_MODELS[component_kind(name)]
+    return getattr(importlib.import_module(module), cls).from_diffusers(d)
+
+
+def param_template(name: str, config) -> dict:
+    module, _, init = COMPONENT_MODELS[component_kind(name)]
+    return getattr(importlib.import_module(module), init)(template_maker(), config)
+
+
+def count_params(params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+@dataclass(frozen=True)
+class StableDiffusionModel:
+    """Everything needed to run one SD model: configs and params per component, tokenizers, scheduler.
+
+    ``configs``/``params``/``config_dicts`` are keyed by component name (``unet``, ``vae``, ``text_encoder``,
+    ``text_encoder_2``). ``tokenizer_dirs`` maps ``tokenizer``/``tokenizer_2`` to folders to load them from.
+    """
+
+    configs: Mapping[str, Any]
+    params: Mapping[str, Any]
+    config_dicts: Mapping[str, dict]
+    scheduler_config: dict
+    tokenizer_dirs: Mapping[str, str] = field(default_factory=dict)
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return "text_encoder_2" in self.params
+
+
+def _atomic_dir(dst: Path):
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+
+
+def save_model(dst: str | os.PathLike, model: StableDiffusionModel, manifest_extra: dict | None = None) -> Path:
+    """Write ``model`` to ``dst`` atomically (Orbax params + manifest + tokenizer/scheduler files)."""
+    import orbax.checkpoint as ocp
+
+    dst = Path(dst).absolute()
+    tmp = _atomic_dir(dst)
+    try:
+        ckpt = ocp.StandardCheckpointer()
+        ckpt.save(tmp / "params", {k: jax.tree.map(np.asarray, v) for k, v in model.params.items()})
+        ckpt.wait_until_finished()
+        for name, folder in model.tokenizer_dirs.items():
+            shutil.copytree(folder, tmp / name)
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(model.scheduler_config, indent=2))
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "components": {
+                name: {"config": model.config_dicts[name], "num_params": count_params(p),
+                       "num_leaves": len(jax.tree.leaves(p))}
+                for name, p in model.params.items()},
+            "tokenizers": sorted(model.tokenizer_dirs),
+            **(manifest_extra or {}),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        if dst.exists():
+            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def is_converted_model(path: str | os.PathLike) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def load_model(path: str | os.PathLike, dtype=None) -> StableDiffusionModel:
+    """Restore a folder written by :func:`save_model`. ``dtype`` optionally casts float params (e.g. bf16)."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise ModelLoadError(f"{path}: no {MANIFEST}; not a converted jaxdiff model "
+                             f"(convert it with `python -m weights_convert SRC {path}`)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{mpath}: corrupt manifest ({e})") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ModelLoadError(f"{mpath}: format_version {manifest.get('format_version')!r}, this jaxdiff reads "
+                             f"{FORMAT_VERSION}; re-convert the model")
+    config_dicts = {n: c["config"] for n, c in manifest["components"].items()}
+    configs = {n: config_from_dict(n, d) for n, d in config_dicts.items()}
+    template = {n: param_template(n, c) for n, c in configs.items()}
+    try:
+        params = ocp.StandardCheckpointer().restore(path / "params", template)
+    except (ValueError, FileNotFoundError) as e:
+        raise ModelLoadError(f"{path}/params: checkpoint does not match the manifest's configs: {e}") from None
+    if dtype is not None:
+        params = jax.tree.map(lambda x: x.astype(dtype), params)
+    sched = path / "scheduler" / "scheduler_config.json"
+    scheduler_config = json.loads(sched.read_text()) if sched.is_file() else {}
+    tokenizer_dirs = {n: str(path / n) for n in manifest.get("tokenizers", [])}
+    return StableDiffusionModel(configs, params, config_dicts, scheduler_config, tokenizer_dirs, manifest)
