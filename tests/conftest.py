@@ -1,5 +1,6 @@
 """Shared test helpers. PyTorch (the parity reference) is imported lazily, only by tests that need it."""
 
+import json
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -21,10 +22,19 @@ def nhwc_to_nchw(x):
     return np.transpose(np.asarray(x), (0, 3, 1, 2))
 
 
-def max_abs(a, b) -> float:
+def max_abs(a, b, what: str = "") -> float:
+    """Max-abs difference. With ``JAXDIFF_PARITY_LOG`` set, also appends (test, what, error, ref scale) to that
+    JSON-lines file; ``python -m tests.parity_report`` builds the README's parity table from it."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.max(np.abs(a - b)))
+    err = float(np.max(np.abs(a - b)))
+    log = os.environ.get("JAXDIFF_PARITY_LOG")
+    if log:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+        with open(log, "a") as f:
+            f.write(json.dumps({"test": test, "what": what, "max_abs": err, "ref_std": float(b.std()),
+                                "shape": list(b.shape)}) + "\n")
+    return err
 
 
 @pytest.fixture
