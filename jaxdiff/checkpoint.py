@@ -55,9 +55,10 @@ def config_from_dict(name: str, d: dict):
     return getattr(importlib.import_module(module), cls).from_diffusers(d)
 
 
-def param_template(name: str, config) -> dict:
+def param_template(name: str, config, mk=None) -> dict:
+    """The component's parameter tree built by maker ``mk`` (default: shape-only template)."""
     module, _, init = COMPONENT_MODELS[component_kind(name)]
-    return getattr(importlib.import_module(module), init)(template_maker(), config)
+    return getattr(importlib.import_module(module), init)(mk or template_maker(), config)
 
 
 def count_params(params) -> int:

@@ -66,10 +66,7 @@ def random_demo_model(workdir: Path, seed: int = 0) -> StableDiffusionModel:
               pad_token_id=vocab["<|endoftext|>"])
     configs = {n: config_from_dict(n, d) for n, d in dicts.items()}
     mk = random_maker(seed, std=0.05)
-    params = {}
-    for n, c in configs.items():
-        tpl = param_template(n, c)
-        params[n] = jax.tree.map(lambda s: mk(s.shape), tpl)
+    params = {n: param_template(n, c, mk) for n, c in configs.items()}
     return StableDiffusionModel(configs, params, dicts, DEMO_SCHEDULER, {"tokenizer": str(tok_dir)})
 
 
