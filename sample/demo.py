@@ -116,7 +116,9 @@ def run(out: Path, prompt: str, word: str, seed: int) -> dict:
     heat = (heat - heat.min()) / (heat.max() - heat.min() + 1e-8)
     image = np.asarray(decode_latents(model.params["vae"], latents, config=model.configs["vae"]))[0]
     image_u8 = ((image / 2 + 0.5).clip(0, 1) * 255).round().astype(np.uint8)
-    Image.fromarray(overlay(image_u8, heat)).save(out / "heatmap.png")
+    # The tiny model decodes 32x32 pixels; enlarge 4x (nearest, no smoothing) so a person can see the map.
+    Image.fromarray(overlay(image_u8, heat)).resize((4 * image_u8.shape[1], 4 * image_u8.shape[0]),
+                                                    Image.NEAREST).save(out / "heatmap.png")
     summary = {
         "prompt": prompt, "word": word, "token_index": word_idx, "seed": seed,
         "model": str(out / "converted"), "source_sha256": model.manifest.get("source_sha256"),
