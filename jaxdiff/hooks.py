@@ -17,12 +17,13 @@ Row layout: edits carry an optional ``rows`` mask of shape (B,) so a classifier-
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping
 
 import jax
 import jax.numpy as jnp
+
+from jaxdiff.pytree import pytree_dataclass, static_field
 
 Array = jax.Array
 
@@ -57,18 +58,9 @@ class AttnSite:
         return self.path
 
 
-def _pytree_dataclass(cls):
-    """Register a frozen dataclass as a pytree: fields marked ``static`` go in the treedef, others are leaves."""
-    data = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("static")]
-    meta = [f.name for f in dataclasses.fields(cls) if f.metadata.get("static")]
-    return jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=meta)
 
 
-def static_field(**kw):
-    return field(metadata={"static": True}, **kw)
-
-
-@_pytree_dataclass
+@pytree_dataclass
 @dataclass(frozen=True)
 class AttnEdit:
     """Edit of one attention layer (all fields optional; ``None`` means "not used", which is static).
@@ -106,7 +98,7 @@ class AttnEdit:
         return self.prob_scale is not None or self.prob_replace is not None
 
 
-@_pytree_dataclass
+@pytree_dataclass
 @dataclass(frozen=True)
 class HSpaceEdit:
     """Edit of the h-space (mid-block output, NHWC (B, h, w, C)) by a pure function.
@@ -165,7 +157,7 @@ def replace_h(h_new: Array, rows: Array | None = None, per_row: bool = False) ->
     return HSpaceEdit(_replace_fn, {"h": jnp.asarray(h_new)}, rows, per_row_params=per_row)
 
 
-@_pytree_dataclass
+@pytree_dataclass
 @dataclass(frozen=True)
 class UNetEdits:
     """All edits of one UNet call: an optional h-space edit and a mapping site -> :class:`AttnEdit`."""

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from jaxdiff import nn
 from jaxdiff.attention import attend
+from jaxdiff.conv_blocks import downsample, init_resnet, resnet, upsample  # noqa: F401 (re-exported)
 from jaxdiff.hooks import NO_CAPTURE, NO_EDITS, AttnSite, CaptureSpec, UNetEdits
 
 Array = jax.Array
@@ -40,27 +41,6 @@ class Hooks(NamedTuple):
 
 
 NO_HOOKS = Hooks()
-
-
-# ------------------------------------------------------------------------------------------ resnet
-def init_resnet(mk, cin: int, cout: int, temb: int) -> Params:
-    """ResnetBlock2D params (diffusers ``resnet.py``; ``conv_shortcut`` only when channels change)."""
-    p = {"norm1": nn.init_norm(mk, cin), "conv1": nn.init_conv(mk, cin, cout, 3),
-         "time_emb_proj": nn.init_dense(mk, temb, cout),
-         "norm2": nn.init_norm(mk, cout), "conv2": nn.init_conv(mk, cout, cout, 3)}
-    if cin != cout:
-        p["conv_shortcut"] = nn.init_conv(mk, cin, cout, 1)
-    return p
-
-
-def resnet(p: Params, x: Array, temb: Array, *, groups: int, eps: float) -> Array:
-    """``x + conv2(silu(GN(conv1(silu(GN(x))) + proj(silu(temb)))))`` (time_scale_shift "default", output
-    scale 1, dropout off). ``x`` NHWC, ``temb`` (B, T)."""
-    h = nn.conv2d(p["conv1"], jax.nn.silu(nn.group_norm(p["norm1"], x, groups, eps)))
-    h = h + nn.dense(p["time_emb_proj"], jax.nn.silu(temb.astype(h.dtype)))[:, None, None, :]
-    h = nn.conv2d(p["conv2"], jax.nn.silu(nn.group_norm(p["norm2"], h, groups, eps)))
-    skip = nn.conv2d(p["conv_shortcut"], x) if "conv_shortcut" in p else x
-    return skip + h
 
 
 # -------------------------------------------------------------------------------------- attention
@@ -162,28 +142,6 @@ def transformer2d(p: Params, x: Array, ctx: Array, spec: TransformerSpec, where:
     else:
         h = nn.conv2d(p["proj_out"], h.reshape(b, hh, ww, spec.inner))
     return h + x, maps
-
-
-# ------------------------------------------------------------------------------------- resampling
-def downsample(p: Params, x: Array) -> Array:
-    """Downsample2D with conv: 3x3, stride 2, padding 1 (diffusers ``downsample_padding=1``)."""
-    return nn.conv2d(p["conv"], x, stride=2, padding=1)
-
-
-def resize_nearest(x: Array, size: tuple[int, int]) -> Array:
-    """``F.interpolate(mode="nearest", size=...)``: source index ``floor(i * in / out)`` per axis."""
-    _, hh, ww, _ = x.shape
-    if size == (2 * hh, 2 * ww):
-        return nn.upsample_nearest_2x(x)
-    rows = (jnp.arange(size[0]) * hh) // size[0]
-    cols = (jnp.arange(size[1]) * ww) // size[1]
-    return x[:, rows][:, :, cols]
-
-
-def upsample(p: Params, x: Array, size: tuple[int, int] | None = None) -> Array:
-    """Upsample2D with conv: nearest 2x (or to ``size``, diffusers' ``upsample_size``) then 3x3 conv."""
-    size = size or (2 * x.shape[1], 2 * x.shape[2])
-    return nn.conv2d(p["conv"], resize_nearest(x, size))
 
 
 # ----------------------------------------------------------------------------------------- blocks

@@ -25,6 +25,7 @@ import numpy as np
 
 from jaxdiff import nn
 from jaxdiff.attention import attend
+from jaxdiff.conv_blocks import downsample, init_resnet, resnet, upsample
 
 Params = dict
 Array = jax.Array
@@ -80,24 +81,6 @@ class VAEConfig:
         )
 
 
-# ----------------------------------------------------------------------------- resnet (shareable w/ UNet)
-def init_vae_resnet(mk, cin: int, cout: int) -> Params:
-    """ResnetBlock2D without time embedding (``temb_channels=None``); ``conv_shortcut`` iff cin != cout."""
-    p = {"norm1": nn.init_norm(mk, cin), "conv1": nn.init_conv(mk, cin, cout, 3),
-         "norm2": nn.init_norm(mk, cout), "conv2": nn.init_conv(mk, cout, cout, 3)}
-    if cin != cout:
-        p["conv_shortcut"] = nn.init_conv(mk, cin, cout, 1)
-    return p
-
-
-def vae_resnet(p: Params, x: Array, *, groups: int, act=jax.nn.silu, eps: float = VAE_EPS) -> Array:
-    """``skip(x) + conv2(act(GN(conv1(act(GN(x))))))``; output_scale_factor 1, dropout off (inference)."""
-    h = nn.conv2d(p["conv1"], act(nn.group_norm(p["norm1"], x, groups, eps)))
-    h = nn.conv2d(p["conv2"], act(nn.group_norm(p["norm2"], h, groups, eps)))
-    skip = nn.conv2d(p["conv_shortcut"], x) if "conv_shortcut" in p else x
-    return skip + h
-
-
 # --------------------------------------------------------------------------------------- attention
 def init_vae_attention(mk, c: int) -> Params:
     return {"group_norm": nn.init_norm(mk, c), "to_q": nn.init_dense(mk, c, c), "to_k": nn.init_dense(mk, c, c),
@@ -115,7 +98,7 @@ def vae_attention(p: Params, x: Array, *, groups: int) -> Array:
 
 # --------------------------------------------------------------------------------------------- blocks
 def init_mid_block(mk, c: int, attention: bool) -> Params:
-    p = {"resnets_0": init_vae_resnet(mk, c, c), "resnets_1": init_vae_resnet(mk, c, c)}
+    p = {"resnets_0": init_resnet(mk, c, c), "resnets_1": init_resnet(mk, c, c)}
     if attention:
         p["attentions_0"] = init_vae_attention(mk, c)
     return p
@@ -123,20 +106,10 @@ def init_mid_block(mk, c: int, attention: bool) -> Params:
 
 def mid_block(p: Params, x: Array, *, groups: int, act) -> Array:
     """UNetMidBlock2D: resnet, [attention], resnet."""
-    x = vae_resnet(p["resnets_0"], x, groups=groups, act=act)
+    x = resnet(p["resnets_0"], x, groups=groups, eps=VAE_EPS, act=act)
     if "attentions_0" in p:
         x = vae_attention(p["attentions_0"], x, groups=groups)
-    return vae_resnet(p["resnets_1"], x, groups=groups, act=act)
-
-
-def vae_downsample(p: Params, x: Array) -> Array:
-    """Downsample2D of the VAE: asymmetric zero pad (right/bottom by 1), 3x3 conv stride 2, padding 0."""
-    return nn.conv2d(p["conv"], x, stride=2, padding=((0, 1), (0, 1)))
-
-
-def vae_upsample(p: Params, x: Array) -> Array:
-    """Upsample2D: nearest 2x then 3x3 conv."""
-    return nn.conv2d(p["conv"], nn.upsample_nearest_2x(x))
+    return resnet(p["resnets_1"], x, groups=groups, eps=VAE_EPS, act=act)
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -145,7 +118,7 @@ def init_vae(mk, config: VAEConfig) -> Params:
     enc: Params = {"conv_in": nn.init_conv(mk, cfg.in_channels, boc[0], 3)}
     cin = boc[0]
     for i, cout in enumerate(boc):
-        blk = {f"resnets_{j}": init_vae_resnet(mk, cin if j == 0 else cout, cout)
+        blk = {f"resnets_{j}": init_resnet(mk, cin if j == 0 else cout, cout)
                for j in range(cfg.layers_per_block)}
         if i < len(boc) - 1:
             blk["downsamplers_0"] = {"conv": nn.init_conv(mk, cout, cout, 3)}
@@ -160,7 +133,7 @@ def init_vae(mk, config: VAEConfig) -> Params:
                    "mid_block": init_mid_block(mk, rev[0], cfg.mid_block_add_attention)}
     prev = rev[0]
     for i, cout in enumerate(rev):
-        blk = {f"resnets_{j}": init_vae_resnet(mk, prev if j == 0 else cout, cout)
+        blk = {f"resnets_{j}": init_resnet(mk, prev if j == 0 else cout, cout)
                for j in range(cfg.layers_per_block + 1)}
         if i < len(rev) - 1:
             blk["upsamplers_0"] = {"conv": nn.init_conv(mk, cout, cout, 3)}
@@ -188,9 +161,9 @@ def vae_encode(params: Params, images: Array, *, config: VAEConfig) -> tuple[Arr
     for i in range(len(cfg.block_out_channels)):
         blk = e[f"down_blocks_{i}"]
         for j in range(cfg.layers_per_block):
-            x = vae_resnet(blk[f"resnets_{j}"], x, groups=g, act=act)
+            x = resnet(blk[f"resnets_{j}"], x, groups=g, eps=VAE_EPS, act=act)
         if "downsamplers_0" in blk:
-            x = vae_downsample(blk["downsamplers_0"], x)
+            x = downsample(blk["downsamplers_0"], x, asymmetric_pad=True)
     x = mid_block(e["mid_block"], x, groups=g, act=act)
     x = nn.conv2d(e["conv_out"], act(nn.group_norm(e["conv_norm_out"], x, g, VAE_EPS)))
     if "quant_conv" in params:
@@ -222,9 +195,9 @@ def vae_decode(params: Params, z: Array, *, config: VAEConfig) -> Array:
     for i in range(len(cfg.block_out_channels)):
         blk = d[f"up_blocks_{i}"]
         for j in range(cfg.layers_per_block + 1):
-            x = vae_resnet(blk[f"resnets_{j}"], x, groups=g, act=act)
+            x = resnet(blk[f"resnets_{j}"], x, groups=g, eps=VAE_EPS, act=act)
         if "upsamplers_0" in blk:
-            x = vae_upsample(blk["upsamplers_0"], x)
+            x = upsample(blk["upsamplers_0"], x)
     x = nn.conv2d(d["conv_out"], act(nn.group_norm(d["conv_norm_out"], x, g, VAE_EPS)))
     return x.astype(out_dtype)
 

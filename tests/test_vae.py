@@ -10,7 +10,7 @@ import pytest
 from jaxdiff import nn
 from jaxdiff.vae import (VAEConfig, decode_latents, encode_to_latents, images_to_unit, init_vae, unit_to_uint8,
                          vae_decode, vae_encode, vae_sample)
-from tests.conftest import max_abs, nchw_to_nhwc, nhwc_to_nchw
+from tests.conftest import max_abs, nchw_to_nhwc
 
 TOL = 1e-5
 

@@ -11,32 +11,23 @@ exactly 1, so SDXL Euler's last sigma becomes 0 and the step divides by it.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.pytree import pytree_dataclass, static_field
 from jaxdiff.schedulers.config import SchedulerConfig
 
 Array = jax.Array
 F32 = jnp.float32
 
 
-def _pytree_dataclass(cls):
-    """Register a frozen dataclass as a pytree; fields with ``static`` metadata go in the treedef."""
-    data = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("static")]
-    meta = [f.name for f in dataclasses.fields(cls) if f.metadata.get("static")]
-    return jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=meta)
 
 
-def _static(**kw):
-    return field(metadata={"static": True}, **kw)
-
-
-@_pytree_dataclass
+@pytree_dataclass
 @dataclass(frozen=True)
 class Schedule:
     """A sampling schedule: ``config`` and step count are static, the arrays are float32/int32 leaves.
@@ -58,16 +49,16 @@ class Schedule:
     sigmas: Array
     final_alpha_cumprod: Array
     init_noise_sigma: Array
-    config: SchedulerConfig = _static()
-    num_inference_steps: int = _static()
-    eta: float = _static(default=0.0)
+    config: SchedulerConfig = static_field()
+    num_inference_steps: int = static_field()
+    eta: float = static_field(default=0.0)
 
     def __len__(self) -> int:
         """Number of ``step`` calls in a full sampling loop."""
         return int(self.timesteps.shape[0])
 
 
-@_pytree_dataclass
+@pytree_dataclass
 @dataclass(frozen=True)
 class SchedulerState:
     """What a multistep scheduler carries between steps (``None`` fields are absent for that kind).
