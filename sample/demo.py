@@ -30,6 +30,7 @@ from jaxdiff.tokenizer import load_tokenizer, tokenize
 from jaxdiff.unet import apply_unet, attn_sites
 from jaxdiff.vae import decode_latents
 from jaxdiff.vocab import write_clip_vocab
+from sample.heatmap import overlay
 
 DEMO_WORDS = ("a red green blue yellow circle square triangle above below left right of on the grass sand sky "
               "water photo").split()
@@ -68,15 +69,6 @@ def random_demo_model(workdir: Path, seed: int = 0) -> StableDiffusionModel:
     mk = random_maker(seed, std=0.05)
     params = {n: param_template(n, c, mk) for n, c in configs.items()}
     return StableDiffusionModel(configs, params, dicts, DEMO_SCHEDULER, {"tokenizer": str(tok_dir)})
-
-
-def overlay(image_u8: np.ndarray, heat: np.ndarray) -> np.ndarray:
-    """Blend a [0, 1] heat map (red) over an RGB image."""
-    h = np.asarray(Image.fromarray((heat * 255).astype(np.uint8)).resize(image_u8.shape[1::-1], Image.BICUBIC),
-                   np.float32)[..., None] / 255
-    red = np.zeros_like(image_u8, dtype=np.float32)
-    red[..., 0] = 255
-    return (image_u8 * (1 - 0.6 * h) + red * 0.6 * h).clip(0, 255).astype(np.uint8)
 
 
 def run(out: Path, prompt: str, word: str, seed: int) -> dict:
