@@ -57,7 +57,7 @@ def nn_flat(tree):
 
 
 def test_conv_layout_matches_torch(sd):
-    torch = pytest.importorskip("torch")
+    import torch
     params, _ = state_dict_to_params(sd, small_template(nn.template_maker()))
     conv = torch.nn.Conv2d(2, 5, 3, padding=1)
     conv.load_state_dict({"weight": torch.tensor(sd["down_blocks.0.resnets.0.conv1.weight"]),
@@ -166,7 +166,7 @@ def test_pickle_needs_opt_in(tmp_path):
 
 
 def test_pickle_with_opt_in(sd, tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch
     f = tmp_path / "model.ckpt"
     torch.save({"state_dict": {k: torch.tensor(v) for k, v in sd.items()}}, f)
     back = read_checkpoint(f, allow_pickle=True)
