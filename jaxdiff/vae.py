@@ -203,16 +203,17 @@ def vae_decode(params: Params, z: Array, *, config: VAEConfig) -> Array:
 
 
 def encode_to_latents(params: Params, images: Array, key: Array | None = None, *, config: VAEConfig,
-                      sample: bool = True) -> Array:
+                      sample: bool = True, noise: Array | None = None) -> Array:
     """Images in [-1, 1] -> diffusion latents ``(z - shift_factor) * scaling_factor`` (shift only if set).
 
-    ``sample=True`` draws z with ``key`` (required); ``sample=False`` uses the posterior mean.
+    ``sample=True`` draws z with ``key``, or uses the given standard-normal ``noise`` (latent-shaped) as the
+    reparameterisation draw (one of the two is required); ``sample=False`` uses the posterior mean.
     """
     mean, logvar = vae_encode(params, images, config=config)
     if sample:
-        if key is None:
-            raise ValueError("encode_to_latents(sample=True) needs an explicit jax.random key")
-        z = vae_sample(mean, logvar, key)
+        if (key is None) == (noise is None):
+            raise ValueError("encode_to_latents(sample=True) needs exactly one of key= or noise=")
+        z = vae_sample(mean, logvar, key) if noise is None else mean + jnp.exp(0.5 * logvar) * noise
     else:
         z = mean
     if config.shift_factor is not None:

@@ -1,0 +1,244 @@
+"""``python -m sample``: text-to-image and image-to-image from the command line.
+
+Writes one PNG per image, ``grid.png``, ``init_latents.npy`` (diffusers' (B, 4, H/8, W/8) layout) and
+``run.json``, a sidecar with every setting, the model's hash and the seed: ``python -m sample --from-json
+OUT/run.json --out OTHER`` regenerates the same pixels. ``--heatmap WORD`` adds a DAAM-style cross-attention
+overlay of that prompt word per image. Flags are parsed in :func:`main` only; :func:`run` takes a plain dict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SETTINGS = ("model", "prompts", "negative_prompt", "scheduler", "steps", "guidance", "eta", "seed", "num_images",
+            "height", "width", "dtype", "init_image", "strength", "init_latents", "heatmap")
+
+
+class CLIError(ValueError):
+    """A bad command-line argument; printed as ``error: ...`` with exit status 2."""
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("JAXDIFF_CACHE_DIR", Path.home() / ".cache" / "jaxdiff" / "xla"))
+
+
+def enable_compilation_cache(path: Path) -> None:
+    """Persist compiled XLA programs, so a second run of the same shapes skips compilation."""
+    import jax
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str]:
+    out = list(prompts or [])
+    if prompt_file:
+        try:
+            lines = Path(prompt_file).read_text().splitlines()
+        except OSError as e:
+            raise CLIError(f"cannot read --prompt-file {prompt_file}: {e.strerror}") from None
+        out += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not out:
+        raise CLIError("no prompt: give --prompt TEXT (repeatable) or --prompt-file FILE")
+    return out
+
+
+def read_image(path: str, height: int | None, width: int | None) -> np.ndarray:
+    """An RGB uint8 (1, H, W, 3) array; resized (Lanczos) to ``height x width`` when both are given."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if height and width and im.size != (width, height):
+                im = im.resize((width, height), Image.LANCZOS)
+            return np.asarray(im, np.uint8)[None]
+    except FileNotFoundError:
+        raise CLIError(f"--init-image {path}: no such file") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise CLIError(f"--init-image {path}: not a readable image ({e})") from None
+
+
+def read_init_latents(path: str, batch: int) -> np.ndarray:
+    """A ``.npy`` of diffusers-layout latents (B, C, h, w) -> our NHWC (B, h, w, C)."""
+    try:
+        z = np.load(path)
+    except (OSError, ValueError) as e:
+        raise CLIError(f"--init-latents {path}: cannot read a .npy array ({e})") from None
+    if z.ndim != 4 or z.shape[0] != batch:
+        raise CLIError(f"--init-latents {path}: expected shape ({batch}, C, H/8, W/8) (diffusers layout, one row "
+                       f"per image), got {z.shape}")
+    return np.ascontiguousarray(np.transpose(z, (0, 2, 3, 1)), np.float32)
+
+
+def load_model(path: str | None, dtype: str):
+    """Any model ``weights_convert.pipeline.load_any`` reads; bf16 weights on request."""
+    from weights_convert.convert import ConversionError
+    from weights_convert.pipeline import load_any
+    from weights_convert.readers import CheckpointError
+    if path is None:
+        raise CLIError("no --model given, and this install has no embedded default model yet: pass a diffusers "
+                       "folder, a single-file checkpoint or a converted jaxdiff folder")
+    if not Path(path).exists():
+        raise CLIError(f"--model {path}: no such file or folder")
+    try:
+        model = load_any(path)
+    except (CheckpointError, ConversionError, ValueError) as e:
+        raise CLIError(f"--model {path}: {e}") from None
+    if dtype == "bfloat16":
+        import jax
+        import jax.numpy as jnp
+        model = model.__class__(**{**model.__dict__, "params": jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16),
+                                                                             model.params)})
+    return model
+
+
+def heatmap_capture(model):
+    """Capture every cross-attention layer's head-mean map, summed over steps, conditional rows only."""
+    from jaxdiff.unet import attn_sites
+    from sample.loop import StepCaptureSpec
+    sites = tuple(s for s in attn_sites(model.configs["unet"]) if s.kind == "cross")
+    return StepCaptureSpec.of(sites, mode="mean", reduce="sum", cond_only=True)
+
+
+def write_heatmaps(out: Path, model, result, prompts_per_image: list[str], word: str) -> list[str]:
+    """One overlay PNG per image from the step-summed cross-attention maps in ``result.aux``."""
+    from jaxdiff.attention import maps_to_grid
+    from jaxdiff.tokenizer import load_tokenizer
+    from sample.heatmap import overlay, word_heatmap, word_token_indices
+    from sample.outputs import save_png
+    tok = load_tokenizer(model.tokenizer_dirs["tokenizer"])
+    _, h_img, w_img, _ = result.images.shape
+    files = []
+    for k, prompt in enumerate(prompts_per_image):
+        idx = word_token_indices(tok, prompt, word)
+        grids = []
+        for probs in result.aux["attn"].values():          # (B, Q, K) summed over steps
+            q = probs.shape[1]
+            scale = int(round((h_img * w_img / q) ** 0.5))  # pixels per attention cell
+            grids.append(np.asarray(maps_to_grid(probs[k:k + 1], h_img // scale, w_img // scale))[0])
+        name = f"{k:03d}_heatmap_{word}.png"
+        save_png(out / name, overlay(result.images[k], word_heatmap(grids, idx, h_img, w_img)))
+        files.append(name)
+    return files
+
+
+def run(settings: dict, out: Path, *, cache: bool = True, quiet: bool = False) -> dict:
+    """Generate from a settings dict (the ``run.json`` schema), write the files, return the sidecar."""
+    import jax
+
+    from sample.outputs import grid, save_png, write_json_atomic
+    from sample.pipeline import SampleSpec, generate
+    from sample.progress import ProgressBar
+
+    s = dict(settings)
+    if cache:
+        enable_compilation_cache(default_cache_dir())
+    for k in ("height", "width"):
+        if s.get(k) is not None and (s[k] <= 0 or s[k] % 8):
+            raise CLIError(f"--{k} {s[k]}: must be a positive multiple of 8 (the VAE downsamples by 8)")
+    if s["steps"] < 1:
+        raise CLIError(f"--steps {s['steps']}: must be >= 1")
+    if s["num_images"] < 1:
+        raise CLIError(f"--num-images {s['num_images']}: must be >= 1")
+    prompts = [p for p in s["prompts"] for _ in range(s["num_images"])]
+    t0 = time.perf_counter()
+    model = load_model(s["model"], s["dtype"])
+    init_image = read_image(s["init_image"], s["height"], s["width"]) if s.get("init_image") else None
+    init_latents = read_init_latents(s["init_latents"], len(prompts)) if s.get("init_latents") else None
+    spec = SampleSpec(steps=s["steps"], guidance=s["guidance"], height=s["height"], width=s["width"],
+                      scheduler=s["scheduler"], eta=s["eta"], dtype=s["dtype"], strength=s["strength"])
+    capture = heatmap_capture(model) if s.get("heatmap") else None
+    if s.get("heatmap"):
+        from jaxdiff.tokenizer import load_tokenizer
+        from sample.heatmap import word_token_indices
+        tok = load_tokenizer(model.tokenizer_dirs["tokenizer"])
+        for p in s["prompts"]:
+            try:
+                word_token_indices(tok, p, s["heatmap"])
+            except ValueError as e:
+                raise CLIError(str(e)) from None
+    progress = None if quiet else ProgressBar()
+    try:
+        result = generate(model, prompts, spec=spec, seed=s["seed"],
+                          negative_prompts=[s["negative_prompt"]] * len(prompts) if s["negative_prompt"] else None,
+                          init_latents=init_latents, init_image=init_image, capture=capture, progress=progress)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for k, img in enumerate(result.images):
+        files.append(f"{k:03d}.png")
+        save_png(out / files[-1], img)
+    save_png(out / "grid.png", grid(result.images))
+    np.save(out / "init_latents.npy", np.transpose(np.asarray(result.init_latents), (0, 3, 1, 2)))
+    heat_files = write_heatmaps(out, model, result, prompts, s["heatmap"]) if s.get("heatmap") else []
+    sidecar = {
+        "settings": {k: s.get(k) for k in SETTINGS},
+        "model_sha256": model.manifest.get("source_sha256"),
+        "model_source": model.manifest.get("source", s["model"]),
+        "images": [{"file": f, "prompt": p, "index": k} for k, (f, p) in enumerate(zip(files, prompts))],
+        "heatmaps": heat_files, "grid": "grid.png", "init_latents": "init_latents.npy",
+        "versions": {"jax": jax.__version__, "backend": jax.default_backend(), "devices": jax.device_count()},
+        "timings": {**{k: round(v, 3) for k, v in dict(result.timings).items()},
+                    "total_s": round(time.perf_counter() - t0, 3)},
+    }
+    write_json_atomic(out / "run.json", sidecar)
+    return sidecar
+
+
+def parse_args(argv) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m sample", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="diffusers folder, single-file checkpoint or converted jaxdiff folder")
+    ap.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    ap.add_argument("--prompt-file", help="a text file with one prompt per line")
+    ap.add_argument("--negative-prompt", default="", help="negative prompt (the unconditional CFG row)")
+    ap.add_argument("--scheduler", default=None,
+                    help="ddim, ddpm, pndm, euler, euler_a, dpm++2m (default: the model's own scheduler)")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    ap.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    ap.add_argument("--height", type=int, default=None)
+    ap.add_argument("--width", type=int, default=None)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="weights/activations dtype (scheduler maths stays float32)")
+    ap.add_argument("--init-image", help="img2img: start from this image")
+    ap.add_argument("--strength", type=float, default=0.8, help="img2img: how much of the schedule to run")
+    ap.add_argument("--init-latents", help="start from these latents (.npy, diffusers (B, 4, H/8, W/8) layout)")
+    ap.add_argument("--heatmap", metavar="WORD", help="write a cross-attention heat map of this prompt word")
+    ap.add_argument("--out", default="out/sample", help="output folder")
+    ap.add_argument("--from-json", help="re-run the settings of a run.json sidecar (other flags are ignored)")
+    ap.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA cache")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.from_json:
+            try:
+                settings = json.loads(Path(args.from_json).read_text())["settings"]
+            except (OSError, ValueError, KeyError) as e:
+                raise CLIError(f"--from-json {args.from_json}: not a run.json sidecar ({e})") from None
+        else:
+            settings = {k: getattr(args, k, None) for k in SETTINGS if k != "prompts"}
+            settings["prompts"] = read_prompts(args.prompt, args.prompt_file)
+        sidecar = run(settings, Path(args.out), cache=not args.no_compile_cache, quiet=args.quiet)
+    except CLIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(sidecar['images'])} image(s), grid.png and run.json to {args.out} "
+          f"({sidecar['timings']['total_s']:.1f} s)")
+    return 0
