@@ -1,0 +1,152 @@
+"""Export the trained ShapesWorld model (EMA weights) as a diffusers folder, and pick its default sampler.
+
+    python -m train.export_shapesworld --workdir runs/shapesworld --dst jaxdiff/assets/shapesworld
+
+writes ``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/`` (config.json + safetensors),
+``tokenizer/`` (CLIP-BPE vocab.json + merges.txt), ``scheduler/scheduler_config.json`` and
+``shapesworld_training.json`` (provenance: plan, scaling factor, sampler comparison). Weights are stored as
+float32 safetensors, exactly the trained EMA values: 5.91M parameters = 23.7 MB, inside the 25 MB package
+budget (checked; the export fails rather than exceed it). ``--dtype float16`` halves that, but transformers 5
+then loads the text encoder in float16 (it keeps a checkpoint's dtype unless ``torch_dtype`` is given) while
+diffusers upcasts the UNet/VAE to float32, so a plain ``StableDiffusionPipeline.from_pretrained`` fails on
+mixed dtypes; our converter upcasts everything to float32 either way.
+
+Sampler choice (``--scheduler auto``): each candidate of :data:`SCHEDULER_CANDIDATES` samples the same
+held-out captions (:func:`jaxdiff.shapesworld.eval_captions`) with the same seeds at ``steps`` steps and the
+sampling CLI's default guidance; the judge scores count/colour/shape/background; the best mean accuracy wins
+and becomes ``scheduler_config.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from jaxdiff.checkpoint import StableDiffusionModel, config_from_dict
+from train import architecture, unet_stage, vae_stage
+from train.config import PLANS, Plan
+
+# steps_offset stays 1 everywhere: only "leading" spacing reads it, and diffusers' StableDiffusionPipeline
+# rewrites any other value to 1 (with a deprecation warning) when it loads the folder.
+SCHEDULER_CANDIDATES = {
+    # SD1.5's own DDIM config (leading spacing + steps_offset 1: 30 steps start at t = 958)
+    "ddim_leading": dict(architecture.SCHEDULER),
+    # trailing spacing starts at t = 999, the training step closest to pure noise (Lin et al. 2024, sec. 3.3)
+    "ddim_trailing": dict(architecture.SCHEDULER, timestep_spacing="trailing"),
+    # Euler (Karras et al. 2022, Algorithm 1 without churn) on evenly spaced timesteps 999 .. 0
+    "euler": {**{k: v for k, v in architecture.SCHEDULER.items() if k not in ("clip_sample", "set_alpha_to_one")},
+              "_class_name": "EulerDiscreteScheduler", "timestep_spacing": "linspace"},
+}
+ATTRIBUTES = ("count", "colour", "shape", "background")
+MAX_BYTES = 25 * 10 ** 6
+
+
+def build_model(plan: Plan, workdir: str | Path, scheduler: dict | None = None) -> StableDiffusionModel:
+    """The trained model (EMA weights) from a finished training ``workdir``."""
+    workdir = Path(workdir)
+    text_dict = json.loads((workdir / "text_encoder.json").read_text())
+    meta = json.loads((workdir / "latents" / "meta.json").read_text())
+    dicts = {"unet": dict(plan.models["unet"]), "vae": dict(plan.models["vae"], scaling_factor=meta["scaling_factor"]),
+             "text_encoder": text_dict}
+    params = {"vae": vae_stage.trained_params(plan, workdir), **unet_stage.trained_params(plan, workdir, text_dict)}
+    configs = {n: config_from_dict(n, d) for n, d in dicts.items()}
+    return StableDiffusionModel(configs, params, dicts, dict(scheduler or plan.scheduler),
+                                {"tokenizer": str(workdir / "tokenizer")})
+
+
+def judge_scores(model: StableDiffusionModel, captions: list[str], seeds: tuple[int, ...], steps: int) -> dict:
+    """Per-attribute judge accuracy of ``model``'s samples (one image per caption and seed)."""
+    from jaxdiff.shapesworld import score_caption
+    from sample.pipeline import txt2img
+    from sample.spec import SampleSpec
+
+    hits = {a: [] for a in ATTRIBUTES}
+    for seed in seeds:
+        images = txt2img(model, captions, spec=SampleSpec(steps=steps), seed=seed).images
+        for image, caption in zip(images, captions):
+            for name, check in score_caption(np.asarray(image), caption).checks.items():
+                if name in hits:
+                    hits[name].append(check.passed)
+    return {a: float(np.mean(v)) for a, v in hits.items() if v}
+
+
+def choose_scheduler(model: StableDiffusionModel, n_captions: int, seeds: tuple[int, ...], steps: int,
+                     log=print) -> tuple[str, dict]:
+    from jaxdiff.shapesworld import eval_captions
+
+    captions = eval_captions(n_captions)
+    results = {}
+    for name, cfg in SCHEDULER_CANDIDATES.items():
+        candidate = StableDiffusionModel(model.configs, model.params, model.config_dicts, cfg, model.tokenizer_dirs)
+        scores = judge_scores(candidate, captions, seeds, steps)
+        results[name] = dict(scores, mean=float(np.mean(list(scores.values()))))
+        log(f"[export] {name}: " + "  ".join(f"{k} {v:.3f}" for k, v in results[name].items()))
+    best = max(results, key=lambda n: results[n]["mean"])
+    return best, results
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def export(plan: Plan, workdir: str | Path, dst: str | Path, *, scheduler: str = "auto", dtype=np.float32,
+           n_captions: int = 48, seeds: tuple[int, ...] = (0,), steps: int = 30, log=print) -> Path:
+    """Write the diffusers folder atomically into ``dst`` (see module doc); returns ``dst``."""
+    from weights_convert.export import export_diffusers_folder
+
+    model = build_model(plan, workdir)
+    comparison = None
+    if scheduler == "auto":
+        scheduler, comparison = choose_scheduler(model, n_captions, seeds, steps, log)
+    model = StableDiffusionModel(model.configs, model.params, model.config_dicts,
+                                 SCHEDULER_CANDIDATES[scheduler], model.tokenizer_dirs)
+    dst = Path(dst).absolute()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        export_diffusers_folder(model, tmp, dtype=dtype)
+        provenance = {"plan": plan.name, "workdir": str(workdir), "weights": "EMA", "dtype": np.dtype(dtype).name,
+                      "scaling_factor": model.config_dicts["vae"]["scaling_factor"], "scheduler": scheduler,
+                      "scheduler_comparison": comparison, "comparison_steps": steps,
+                      "comparison_captions": n_captions, "comparison_seeds": list(seeds)}
+        (tmp / "shapesworld_training.json").write_text(json.dumps(provenance, indent=2))
+        for path in [tmp, *tmp.rglob("*")]:      # mkdtemp / safetensors create owner-only files: a package
+            path.chmod(0o755 if path.is_dir() else 0o644)   # asset must be world-readable
+        size = folder_bytes(tmp)
+        if size > MAX_BYTES:
+            raise RuntimeError(f"export is {size / 1e6:.1f} MB, over the {MAX_BYTES / 1e6:.0f} MB package budget")
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"[export] wrote {dst} ({folder_bytes(dst) / 1e6:.1f} MB, scheduler {scheduler})")
+    return dst
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m train.export_shapesworld", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", default="runs/shapesworld")
+    ap.add_argument("--dst", default="jaxdiff/assets/shapesworld")
+    ap.add_argument("--plan", default="cpu", choices=sorted(PLANS))
+    ap.add_argument("--scheduler", default="auto", choices=["auto", *SCHEDULER_CANDIDATES])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    ap.add_argument("--captions", type=int, default=48, help="held-out captions per sampler comparison")
+    ap.add_argument("--steps", type=int, default=30)
+    args = ap.parse_args(argv)
+    export(PLANS[args.plan], args.workdir, args.dst, scheduler=args.scheduler, dtype=np.dtype(args.dtype),
+           n_captions=args.captions, steps=args.steps)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
