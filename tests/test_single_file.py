@@ -23,21 +23,9 @@ from weights_convert import CheckpointError, ConversionError, PickleNotAllowedEr
 from weights_convert import single_file as sf  # noqa: E402
 from weights_convert.components import KINDS  # noqa: E402
 from weights_convert.convert import state_dict_to_params  # noqa: E402
-from weights_convert.rules import LAYOUT_OPS, apply_renames, match_leaf  # noqa: E402
+from weights_convert.rules import apply_renames, match_leaf  # noqa: E402
 
 
-def _model_available(kind: str) -> bool:
-    """Whether jaxdiff's model for this component kind exists (else a template derived from diffusers is used)."""
-    import importlib
-    module = {"unet": "jaxdiff.unet", "vae": "jaxdiff.vae"}.get(kind, "jaxdiff.clip")
-    try:
-        importlib.import_module(module)
-        return True
-    except ImportError:
-        return False
-
-
-MODELS = all(_model_available(k) for k in ("unet", "vae", "text_encoder"))
 
 
 # ------------------------------------------------------------------ independent inverse: diffusers -> CompVis
@@ -220,24 +208,9 @@ def write_compvis(path, pipe, sdxl=False, ema=True, sd2=False):
 
 
 # ------------------------------------------------------------------------------------ reference side
-def derived_template(sd: dict, rules) -> dict:
-    """Model-independent template: the leaves a diffusers-named state dict maps to under the generic rules."""
-    import jax
-    flat = {}
-    for k, v in sd.items():
-        if any(re.search(p, k) for p in rules.ignore):
-            continue
-        rule, targets = match_leaf(apply_renames(k, rules.renames), v.ndim, rules.leaf_rules)
-        for t, piece in zip(targets, LAYOUT_OPS[rule.op](np.zeros(v.shape, np.float32))):
-            flat[t] = jax.ShapeDtypeStruct(piece.shape, np.float32)
-    return traverse_util.unflatten_dict(flat, sep="/")
-
-
-def template(kind, config_dict, ref_sd):
-    if _model_available(kind):
-        from jaxdiff.checkpoint import config_from_dict, param_template
-        return param_template(kind, config_from_dict(kind, config_dict))
-    return derived_template(ref_sd, KINDS["text_encoder" if kind.startswith("text") else kind].rules)
+def template(kind, config_dict):
+    from jaxdiff.checkpoint import config_from_dict, param_template
+    return param_template(kind, config_from_dict(kind, config_dict))
 
 
 def assert_same_params(ours, ref, what):
@@ -277,21 +250,19 @@ def test_single_file_matches_diffusers(tmp_path, family, lpb):
         assert sorted(got) == sorted(orig), n
         for k in orig:
             np.testing.assert_array_equal(got[k], orig[k], err_msg=f"diffusers did not load {n}.{k}")
-        templates[n] = template(n, configs[n], got)
+        templates[n] = template(n, configs[n])
         refs[n], _ = state_dict_to_params(got, templates[n], KINDS["text_encoder" if n.startswith("text") else n].rules)
 
     from weights_convert.readers import read_checkpoint
     ours = sf.convert_state_dict(read_checkpoint(path), config_folder=folder, templates=templates)
-    if MODELS:  # the public entry point, templates from jaxdiff's models
-        full = sf.convert_single_file(path, config_folder=folder)
-        for n in names:
-            assert full[n][0] == configs[n]
-            assert_same_params(full[n][1], ours[n][1], n)
+    full = sf.convert_single_file(path, config_folder=folder)        # the public entry point
+    for n in names:
+        assert full[n][0] == configs[n]
+        assert_same_params(full[n][1], ours[n][1], n)
     assert sorted(ours) == sorted(names)
     counts = {n: assert_same_params(ours[n][1], refs[n], n) for n in names}
     assert all(c > 0 for c in counts.values())
-    print("single-file parity (leaves equal):", counts,
-          {n: "jaxdiff template" if _model_available(n) else "derived template" for n in names})
+    print("single-file parity (leaves equal):", counts)
 
 
 def test_sd2_open_clip_tower(tmp_path):
@@ -305,7 +276,7 @@ def test_sd2_open_clip_tower(tmp_path):
     assert "cond_stage_model.model.transformer.resblocks.3.attn.in_proj_weight" in oc
     cfg = te.config.to_dict()
     rules = sf.component_rules("sd2", "text_encoder", cfg)
-    tmpl = template("text_encoder", cfg, hf)
+    tmpl = template("text_encoder", cfg)
     ref, _ = state_dict_to_params(hf, tmpl, KINDS["text_encoder"].rules)
     oc = {k: v for k, v in oc.items() if not k.endswith("logit_scale")}  # dropped by the top-level split
     ours, report = state_dict_to_params(oc, tmpl, rules)
@@ -363,12 +334,10 @@ def test_presets_are_consistent():
     xl = sf.read_preset("sdxl-base")
     assert xl["vae"]["scaling_factor"] == 0.13025 and xl["text_encoder_2"]["num_hidden_layers"] == 32
     assert xl["text_encoder_2"]["projection_dim"] == 1280
-    if MODELS:  # the presets build full-size templates (shapes only)
-        from jaxdiff.checkpoint import config_from_dict, param_template
-        for name in sf.list_presets():
-            p = sf.read_preset(name)
-            for c in sf.R.COMPONENT_PREFIXES[p["family"]]:
-                param_template(c[1], config_from_dict(c[1], p[c[1]]))
+    for name in sf.list_presets():                  # the presets build full-size templates (shapes only)
+        p = sf.read_preset(name)
+        for c in sf.R.COMPONENT_PREFIXES[p["family"]]:
+            template(c[1], p[c[1]])
 
 
 # ------------------------------------------------------------------------------------------- bad inputs
@@ -400,8 +369,7 @@ def sd1_file(tmp_path_factory):
 
 
 def _templates(folder, pipe, names=("unet", "vae", "text_encoder")):
-    return {n: template(n, json.loads((folder / n / "config.json").read_text()), torch_state_dict(getattr(pipe, n)))
-            for n in names}
+    return {n: template(n, json.loads((folder / n / "config.json").read_text())) for n in names}
 
 
 def test_missing_unet_key_named(sd1_file):
@@ -446,8 +414,6 @@ def test_fp16_file_and_load_any(sd1_file, tmp_path):
     folder, pipe, ckpt = sd1_file
     f = tmp_path / "half.safetensors"
     save_file({k: np.asarray(v).astype(np.float16) for k, v in ckpt.items()}, str(f))
-    if not MODELS:
-        pytest.skip("jaxdiff.unet / vae / clip not available yet")
     from weights_convert.pipeline import load_any
     model = load_any(f, config_folder=folder)
     assert model.manifest["family"] == "sd1" and model.manifest["source_kind"] == "single_file"
@@ -514,7 +480,5 @@ def test_fullsize_names(preset, diffusers_type):
         ref = _targets(sd, KINDS["text_encoder" if n.startswith("text") else n].rules)
         ours = _targets(parts[n], sf.component_rules(fam, n, p[n]))
         assert ours == ref, (n, sorted(ours ^ ref)[:10])
-        if _model_available(n):
-            from jaxdiff.checkpoint import config_from_dict, param_template
-            tmpl = traverse_util.flatten_dict(param_template(n, config_from_dict(n, p[n])), sep="/")
-            assert sorted(tmpl) == sorted(ref), (n, sorted(set(tmpl) ^ set(ref))[:10])
+        tmpl = traverse_util.flatten_dict(template(n, p[n]), sep="/")
+        assert sorted(tmpl) == sorted(ref), (n, sorted(set(tmpl) ^ set(ref))[:10])
