@@ -118,6 +118,8 @@ def encode_dataset(folder: str | Path, vae_params, vae_config: VAEConfig, tokeni
     if (folder / "meta.json").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
+    for stale in folder.parent.glob(f".{folder.name}.tmp-*"):     # left by a killed run (one writer per workdir)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
         means, stds, captions = [], [], []
