@@ -16,6 +16,7 @@ This module knows nothing about PyTorch names (that is ``weights_convert``'s job
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -23,7 +24,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -85,10 +86,29 @@ class StableDiffusionModel:
         return "text_encoder_2" in self.params
 
 
-def _atomic_dir(dst: Path):
-    dst = Path(dst)
+@contextlib.contextmanager
+def atomic_folder(dst: str | os.PathLike) -> Iterator[Path]:
+    """Write a folder atomically: yields an empty temporary sibling of ``dst``; when the block completes it
+    replaces ``dst`` (an existing ``dst`` is moved aside first and removed only after the swap), and when the
+    block raises (or the process is killed) ``dst`` is untouched and the temporary folder is removed.
+    Temporaries left by a killed writer (``.NAME.tmp-*``) are cleared on entry (one writer per ``dst``)."""
+    dst = Path(dst).absolute()
     dst.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    for stale in dst.parent.glob(f".{dst.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        yield tmp
+        if dst.exists():
+            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def save_model(dst: str | os.PathLike, model: StableDiffusionModel, manifest_extra: dict | None = None) -> Path:
@@ -96,8 +116,7 @@ def save_model(dst: str | os.PathLike, model: StableDiffusionModel, manifest_ext
     import orbax.checkpoint as ocp
 
     dst = Path(dst).absolute()
-    tmp = _atomic_dir(dst)
-    try:
+    with atomic_folder(dst) as tmp:
         ckpt = ocp.StandardCheckpointer()
         ckpt.save(tmp / "params", {k: jax.tree.map(np.asarray, v) for k, v in model.params.items()})
         ckpt.wait_until_finished()
@@ -115,16 +134,6 @@ def save_model(dst: str | os.PathLike, model: StableDiffusionModel, manifest_ext
             **(manifest_extra or {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        if dst.exists():
-            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 

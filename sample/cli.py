@@ -108,13 +108,11 @@ def heatmap_capture(model):
     return StepCaptureSpec.of(sites, mode="mean", reduce="sum", cond_only=True)
 
 
-def write_heatmaps(out: Path, model, result, prompts_per_image: list[str], word: str) -> list[str]:
+def write_heatmaps(out: Path, tok, result, prompts_per_image: list[str], word: str) -> list[str]:
     """One overlay PNG per image from the step-summed cross-attention maps in ``result.aux``."""
     from jaxdiff.attention import maps_to_grid
-    from jaxdiff.tokenizer import load_tokenizer
     from sample.heatmap import overlay, word_heatmap, word_token_indices
     from sample.outputs import save_png
-    tok = load_tokenizer(model.tokenizer_dirs["tokenizer"])
     _, h_img, w_img, _ = result.images.shape
     files = []
     for k, prompt in enumerate(prompts_per_image):
@@ -155,7 +153,7 @@ def run(settings: dict, out: Path, *, cache: bool = True, quiet: bool = False) -
     init_latents = read_init_latents(s["init_latents"], len(prompts)) if s.get("init_latents") else None
     spec = SampleSpec(steps=s["steps"], guidance=s["guidance"], height=s["height"], width=s["width"],
                       scheduler=s["scheduler"], eta=s["eta"], dtype=s["dtype"], strength=s["strength"])
-    capture = heatmap_capture(model) if s.get("heatmap") else None
+    capture, tok = (heatmap_capture(model), None) if s.get("heatmap") else (None, None)
     if s.get("heatmap"):
         from jaxdiff.tokenizer import load_tokenizer
         from sample.heatmap import word_token_indices
@@ -180,7 +178,7 @@ def run(settings: dict, out: Path, *, cache: bool = True, quiet: bool = False) -
         save_png(out / files[-1], img)
     save_png(out / "grid.png", grid(result.images))
     np.save(out / "init_latents.npy", np.transpose(np.asarray(result.init_latents), (0, 3, 1, 2)))
-    heat_files = write_heatmaps(out, model, result, prompts, s["heatmap"]) if s.get("heatmap") else []
+    heat_files = write_heatmaps(out, tok, result, prompts, s["heatmap"]) if s.get("heatmap") else []
     sidecar = {
         "settings": {k: s.get(k) for k in SETTINGS},
         "model_sha256": model.manifest.get("source_sha256"),

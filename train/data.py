@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.checkpoint import atomic_folder
 from jaxdiff.shapesworld import make_scene
 from jaxdiff.shapesworld.imageops import dilate
 from jaxdiff.tokenizer import tokenize
@@ -117,11 +115,7 @@ def encode_dataset(folder: str | Path, vae_params, vae_config: VAEConfig, tokeni
     folder = Path(folder).absolute()
     if (folder / "meta.json").is_file():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    for stale in folder.parent.glob(f".{folder.name}.tmp-*"):     # left by a killed run (one writer per workdir)
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         means, stds, captions = [], [], []
         for start in range(0, n, chunk):
             images, caps = scene_images(range(start, min(start + chunk, n)))
@@ -139,10 +133,6 @@ def encode_dataset(folder: str | Path, vae_params, vae_config: VAEConfig, tokeni
         meta = {"n": n, "scaling_factor": latent_scale(mean, std), "latent_shape": list(mean.shape[1:]),
                 "latent_mean": float(mean.mean()), "posterior_std_mean": float(std.mean())}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

@@ -21,15 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from jaxdiff.checkpoint import StableDiffusionModel, config_from_dict
+from jaxdiff.checkpoint import StableDiffusionModel, atomic_folder, config_from_dict
 from train import architecture, unet_stage, vae_stage
 from train.config import PLANS, Plan
 
@@ -108,9 +105,7 @@ def export(plan: Plan, workdir: str | Path, dst: str | Path, *, scheduler: str =
     model = StableDiffusionModel(model.configs, model.params, model.config_dicts,
                                  SCHEDULER_CANDIDATES[scheduler], model.tokenizer_dirs)
     dst = Path(dst).absolute()
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
+    with atomic_folder(dst) as tmp:
         export_diffusers_folder(model, tmp, dtype=dtype)
         provenance = {"plan": plan.name, "workdir": str(workdir), "weights": "EMA", "dtype": np.dtype(dtype).name,
                       "scaling_factor": model.config_dicts["vae"]["scaling_factor"], "scheduler": scheduler,
@@ -122,12 +117,6 @@ def export(plan: Plan, workdir: str | Path, dst: str | Path, *, scheduler: str =
         size = folder_bytes(tmp)
         if size > MAX_BYTES:
             raise RuntimeError(f"export is {size / 1e6:.1f} MB, over the {MAX_BYTES / 1e6:.0f} MB package budget")
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"[export] wrote {dst} ({folder_bytes(dst) / 1e6:.1f} MB, scheduler {scheduler})")
     return dst
 
