@@ -83,9 +83,12 @@ def load_model(path: str | None, dtype: str):
     from weights_convert.convert import ConversionError
     from weights_convert.pipeline import load_any
     from weights_convert.readers import CheckpointError
-    if path is None:
-        raise CLIError("no --model given, and this install has no embedded default model yet: pass a diffusers "
-                       "folder, a single-file checkpoint or a converted jaxdiff folder")
+    if path is None:                    # the embedded ShapesWorld model (jaxdiff/assets/shapesworld)
+        from jaxdiff.shapesworld.model import MissingDefaultModel, default_model_dir
+        try:
+            path = str(default_model_dir())
+        except MissingDefaultModel as e:
+            raise CLIError(str(e)) from None
     if not Path(path).exists():
         raise CLIError(f"--model {path}: no such file or folder")
     try:
@@ -196,7 +199,8 @@ def run(settings: dict, out: Path, *, cache: bool = True, quiet: bool = False) -
 def parse_args(argv) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m sample", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="diffusers folder, single-file checkpoint or converted jaxdiff folder")
+    ap.add_argument("--model", help="diffusers folder, single-file checkpoint or converted jaxdiff folder "
+                    "(default: the embedded ShapesWorld model)")
     ap.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     ap.add_argument("--prompt-file", help="a text file with one prompt per line")
     ap.add_argument("--negative-prompt", default="", help="negative prompt (the unconditional CFG row)")

@@ -189,6 +189,13 @@ def test_score_caption_checks():
     swapped = CaptionSpec((b, a), s.spec.relation, s.spec.background)
     bad = score_caption(s.image, swapped)                     # same objects, relation now false
     assert not bad.passed and not bad.checks["relation"].passed and bad.checks["colour"].passed
+    # A with another colour: nothing of the named colour and shape is where A is, so the relation fails too
+    # (GenEval's position check presupposes both objects are found), even though the boxes still line up.
+    other = next(c for c in COLOURS if c not in (a.colour, b.colour))
+    recoloured = CaptionSpec((ObjectPhrase(other, a.shape), b), s.spec.relation, s.spec.background)
+    miss = score_caption(s.image, recoloured)
+    assert not miss.checks["colour"].passed and not miss.checks["relation"].passed
+    assert miss.checks["relation"].found is None and miss.checks["shape"].passed
     neutral = score_caption(s.image, "a shape")               # count only
     assert set(neutral.checks) == {"count"} and neutral.checks["count"].found == 2 and not neutral.passed
     det = detect(s.image)

@@ -171,3 +171,21 @@ def test_data_parallel_step_equals_single_device():
     # divides by sqrt(v), so a gradient element at rounding level (|g| ~ eps) is amplified into its update.
     assert report["metric_rel"] <= 1e-5
     assert report["max_abs"] <= 0.01 * report["lr"]
+
+
+def test_plot_log_reads_resumed_logs_and_draws(tmp_path):
+    from train import plot_log
+    log = tmp_path / "train.log"
+    log.write_text("[train] plan 'cpu'\n"
+                   "[vae] step 25/100  grad_norm 1.0  loss 0.5  12.0 it/s  ETA 6s\n"
+                   "[vae] step 50/100  grad_norm 1.0  loss 0.25  12.0 it/s  ETA 4s\n"
+                   "[vae] resumed at step 25 from x\n"
+                   "[vae] step 50/100  grad_norm 1.0  loss 0.2  12.0 it/s  ETA 4s\n"   # re-run step: later wins
+                   "[unet] step 25/100  loss 0.9  mse 1.0  1.0 it/s  ETA 1m\n")
+    curves = plot_log.read_log(log)
+    assert set(curves) == {"vae", "unet"}
+    np.testing.assert_array_equal(curves["vae"][0], [25, 50])
+    np.testing.assert_allclose(curves["vae"][1], [0.5, 0.2])
+    assert plot_log.main([str(log), "--out", str(tmp_path / "loss.png")]) == 0
+    assert plot_log.plot(curves).shape == (280, 840, 3)
+    assert plot_log.main([str(log), "--metric", "nope", "--out", str(tmp_path / "x.png")]) == 2

@@ -60,18 +60,13 @@ def build_model(plan: Plan, workdir: str | Path, scheduler: dict | None = None) 
 
 def judge_scores(model: StableDiffusionModel, captions: list[str], seeds: tuple[int, ...], steps: int) -> dict:
     """Per-attribute judge accuracy of ``model``'s samples (one image per caption and seed)."""
-    from jaxdiff.shapesworld import score_caption
-    from sample.pipeline import txt2img
+    from sample.shapesworld_eval import Tally, judge_images, sample_captions
     from sample.spec import SampleSpec
 
-    hits = {a: [] for a in ATTRIBUTES}
+    tally = Tally()
     for seed in seeds:
-        images = txt2img(model, captions, spec=SampleSpec(steps=steps), seed=seed).images
-        for image, caption in zip(images, captions):
-            for name, check in score_caption(np.asarray(image), caption).checks.items():
-                if name in hits:
-                    hits[name].append(check.passed)
-    return {a: float(np.mean(v)) for a, v in hits.items() if v}
+        judge_images(sample_captions(model, captions, seed, spec=SampleSpec(steps=steps)), captions, tally)
+    return {a: tally.rate(a) for a in ATTRIBUTES if a in tally.counts}
 
 
 def choose_scheduler(model: StableDiffusionModel, n_captions: int, seeds: tuple[int, ...], steps: int,

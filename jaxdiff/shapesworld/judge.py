@@ -15,7 +15,9 @@
 ``score_caption(image, caption)``: parses the caption (:mod:`captions`), assigns caption objects to
 detected objects (the injective assignment with the most matching named attributes, then one satisfying
 the relation), and returns one :class:`Check` per applicable attribute: object count (exact), colour,
-shape, background, and the relation by GenEval's rule on the two assigned boxes (:mod:`spatial`).
+shape, background, and the relation by GenEval's rule on the two assigned boxes (:mod:`spatial`), which
+passes only when both boxes belong to objects of the named colour and shape (GenEval's position task first
+requires both objects to be detected).
 """
 
 from __future__ import annotations
@@ -196,6 +198,11 @@ def _assign(spec: CaptionSpec, objects) -> tuple:
     return best
 
 
+def _phrase_matches(phrase, obj: DetectedObject) -> bool:
+    return all(want is None or want == getattr(obj, name) for name, want in (("colour", phrase.colour),
+                                                                              ("shape", phrase.shape)))
+
+
 def _attribute_check(name: str, spec: CaptionSpec, objects, assignment) -> Check | None:
     expected = tuple(getattr(p, name) for p in spec.objects)
     if all(e is None for e in expected):
@@ -219,8 +226,12 @@ def score_caption(image, caption, params: JudgeParams = JUDGE, detection: Detect
         checks["background"] = Check("background", det.background == spec.background, spec.background,
                                      det.background)
     if spec.relation is not None:
+        # GenEval's position rule presupposes both objects were found: A and B must be detected with the
+        # colour and shape the caption gives them, else the relation fails (found None). Without this, an
+        # image full of spurious blobs would pass by the assignment picking two that happen to line up.
         a, b = assignment[0], assignment[1]
-        found = None if a is None or b is None else geneval_relations(objs[a].box, objs[b].box)
+        present = all(j is not None and _phrase_matches(p, objs[j]) for p, j in zip(spec.objects[:2], (a, b)))
+        found = geneval_relations(objs[a].box, objs[b].box) if present else None
         checks["relation"] = Check("relation", found is not None and spec.relation in found, spec.relation,
                                    None if found is None else tuple(sorted(found)))
     return CaptionScore(format_caption(spec), spec, det, assignment, checks)
