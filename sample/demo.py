@@ -1,4 +1,4 @@
-"""Demo of the core (until the sampling CLI exists): convert a model with the real converter, then one UNet call
+"""Demo of the core with a random model: convert a model with the real converter, then one UNet call
 with h-space and cross-attention capture, written out as a heat-map PNG and a JSON sidecar.
 
 The model is a small SD1-architecture model with random weights, written in diffusers folder format first

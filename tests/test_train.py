@@ -189,3 +189,29 @@ def test_plot_log_reads_resumed_logs_and_draws(tmp_path):
     assert plot_log.main([str(log), "--out", str(tmp_path / "loss.png")]) == 0
     assert plot_log.plot(curves).shape == (280, 840, 3)
     assert plot_log.main([str(log), "--metric", "nope", "--out", str(tmp_path / "x.png")]) == 2
+
+
+def test_warm_start_continues_a_finished_run(trained, tmp_path, capfd):
+    from train.config import PLANS
+    from train.main import WarmStartError, main, run_pipeline, warm_start_from
+    src, cont, dst = trained[0], PLANS["smoke_continued"], tmp_path / "continued"
+    run_pipeline(TINY, src, None)                     # finishes the source run (completed stages are skipped)
+    assert main(["--plan", "smoke_continued", "--workdir", str(dst), "--no-export"]) == 2
+    assert "pass --warm-start" in capfd.readouterr().err
+    with pytest.raises(WarmStartError, match="no tokenizer .not a finished .smoke. run"):
+        run_pipeline(cont, dst, None, warm_start=tmp_path / "empty")
+
+    text = prepare_text(cont, dst)
+    init, tag = warm_start_from(cont, src, dst, text)
+    assert (dst / "vae").is_dir() and (dst / "latents").is_dir() and tag.startswith("smoke:")
+    for a, b in zip(jax.tree.leaves(init), jax.tree.leaves(unet_stage.trained_params(TINY, src, text))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    ds = data.load_dataset(dst / "latents")
+    start = unet_stage.train(cont, dst / "probe", text, ds, init=init, init_tag=tag, stop_after=0, out=io.StringIO())
+    for a, b in zip(jax.tree.leaves(start.params), jax.tree.leaves(init)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))     # step 0 = the source's EMA weights
+
+    run_pipeline(cont, dst, None, warm_start=src)     # VAE reused as complete, UNet continued to its steps
+    log = capfd.readouterr().out
+    assert "[vae] resumed at step 6" in log and "[train] warm start from smoke:" in log and "[unet] step 6/6" in log
+    assert json.loads((dst / "warm_start.json").read_text())["from"] == tag

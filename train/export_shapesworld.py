@@ -102,7 +102,9 @@ def export(plan: Plan, workdir: str | Path, dst: str | Path, *, scheduler: str =
     dst = Path(dst).absolute()
     with atomic_folder(dst) as tmp:
         export_diffusers_folder(model, tmp, dtype=dtype)
+        warm = Path(workdir) / "warm_start.json"
         provenance = {"plan": plan.name, "workdir": str(workdir), "weights": "EMA", "dtype": np.dtype(dtype).name,
+                      "warm_start": json.loads(warm.read_text()) if warm.is_file() else None,
                       "scaling_factor": model.config_dicts["vae"]["scaling_factor"], "scheduler": scheduler,
                       "scheduler_comparison": comparison, "comparison_steps": steps,
                       "comparison_captions": n_captions, "comparison_seeds": list(seeds)}

@@ -190,7 +190,7 @@ class Progress:
     name: str
     total: int
     every: int
-    out: Any = sys.stdout
+    out: Any = None                       # None: sys.stdout at the time of printing
 
     def __post_init__(self):
         self.t0, self.s0, self.pending = None, 0, []
@@ -209,13 +209,13 @@ class Progress:
         eta = (self.total - step) / rate if rate > 0 else float("nan")
         avg = "  ".join(f"{k} {v:.4g}" for k, v in sorted(means.items()))
         print(f"[{self.name}] step {step}/{self.total}  {avg}  {rate:.3f} it/s  ETA {_duration(eta)}",
-              file=self.out, flush=True)
+              file=self.out or sys.stdout, flush=True)
         self.t0, self.s0, self.pending = now, step, []
 
 
 def run(name: str, directory: str | Path, params, loss_fn: Callable, batch_fn: Callable[[int], dict],
         cfg: LoopConfig, *, config_fingerprint: str, mesh: Mesh | None = None, stop_after: int | None = None,
-        out=sys.stdout) -> TrainState:
+        out=None) -> TrainState:
     """Train from the latest checkpoint in ``directory`` (or from ``params``) to ``cfg.steps``.
 
     ``batch_fn(step)`` returns the host batch of that step. Saves every ``cfg.save_every`` steps and at the end.
@@ -231,7 +231,7 @@ def run(name: str, directory: str | Path, params, loss_fn: Callable, batch_fn: C
         if meta.get("fingerprint") != full_fp:
             raise ResumeError(f"{directory}: checkpoint was written by a different {name!r} configuration; "
                               "use a new --workdir (or delete this one) to train with the new settings")
-        print(f"[{name}] resumed at step {int(state.step)} from {directory}", file=out, flush=True)
+        print(f"[{name}] resumed at step {int(state.step)} from {directory}", file=out or sys.stdout, flush=True)
     step_fn = compiled_step(loss_fn, cfg, mesh)
     progress = Progress(name, cfg.steps, cfg.log_every, out)
     step = int(state.step)

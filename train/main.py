@@ -12,6 +12,11 @@ Stages (each skipped when already complete in ``--workdir``; a killed stage resu
 5. the diffusers export of the EMA weights to ``--export`` (:mod:`train.export_shapesworld`), unless
    ``--no-export``.
 
+Warm start (a plan with ``warm_start``, e.g. ``cpu_continued``): ``--warm-start DIR`` names the finished run
+of that plan; its ``tokenizer/``, ``text_encoder.json``, ``vae/``, ``vae_reconstruction.json`` and ``latents/``
+are copied into ``--workdir`` (the VAE stage then finds itself complete; a different VAE configuration is
+refused) and the UNet stage starts from its EMA weights.
+
 Data parallelism: every local device is used (batch sharded over a 1-D mesh) when there are several and they
 divide the batch; on a CPU-only machine that is one device unless XLA is told otherwise.
 """
@@ -19,10 +24,15 @@ divide the batch; on a CPU-only machine that is one device unless XLA is told ot
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
+
+import jax
+import numpy as np
 
 from train import architecture, data, unet_stage, vae_stage
 from train.config import PLANS, Plan
@@ -35,8 +45,42 @@ def prepare_text(plan: Plan, workdir: Path) -> dict:
     return text
 
 
+class WarmStartError(ValueError):
+    """A warm-start plan without its source run, or a source that is not a finished run of that plan."""
+
+
+SHARED_WITH_WARM_START = ("tokenizer", "text_encoder.json", "vae", "vae_reconstruction.json", "latents")
+
+
+def warm_start_from(plan: Plan, source: str | Path | None, workdir: Path, text: dict) -> tuple[dict | None, str | None]:
+    """Copy the stages a warm start shares into ``workdir`` (those not there yet) and return the source's EMA
+    ``{"unet", "text_encoder"}`` params and a tag naming them (plan, folder, sha256 of the weights)."""
+    if plan.warm_start is None:
+        if source is not None:
+            raise WarmStartError(f"--warm-start given but plan {plan.name!r} does not continue another plan")
+        return None, None
+    if source is None:
+        raise WarmStartError(f"plan {plan.name!r} continues a finished {plan.warm_start!r} run: pass "
+                         f"--warm-start DIR (that run's --workdir)")
+    source = Path(source)
+    for name in SHARED_WITH_WARM_START:
+        src, dst = source / name, workdir / name
+        if not src.exists() and name != "vae_reconstruction.json":        # (that report is recomputed)
+            raise WarmStartError(f"--warm-start {source}: no {name} (not a finished {plan.warm_start!r} run)")
+        if src.exists() and not dst.exists():
+            (shutil.copytree if src.is_dir() else shutil.copyfile)(src, dst)
+    try:
+        params = unet_stage.trained_params(PLANS[plan.warm_start], source, text)
+    except RuntimeError as e:                                              # stage not finished
+        raise WarmStartError(f"--warm-start {source}: {e}") from None
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(params):
+        digest.update(np.ascontiguousarray(leaf).tobytes())
+    return params, f"{plan.warm_start}:{source.absolute()}:{digest.hexdigest()[:16]}"
+
+
 def run_pipeline(plan: Plan, workdir: str | Path, export_to: str | Path | None, *, scheduler: str = "auto",
-                 mesh=None) -> None:
+                 mesh=None, warm_start: str | Path | None = None) -> None:
     from jaxdiff.tokenizer import load_tokenizer
     from sample.sharding import resolve_mesh
 
@@ -45,6 +89,10 @@ def run_pipeline(plan: Plan, workdir: str | Path, export_to: str | Path | None, 
     t0 = time.perf_counter()
     print(f"[train] plan {plan.name!r} in {workdir.absolute()}", flush=True)
     text = prepare_text(plan, workdir)
+    init, init_tag = warm_start_from(plan, warm_start, workdir, text)
+    if init_tag is not None:
+        (workdir / "warm_start.json").write_text(json.dumps({"plan": plan.warm_start, "from": init_tag}, indent=2))
+        print(f"[train] warm start from {init_tag}", flush=True)
     vae_stage.train(plan, workdir, mesh=resolve_mesh(mesh, plan.vae.loop.batch))
     vae_params = vae_stage.trained_params(plan, workdir)
     report_path = workdir / "vae_reconstruction.json"
@@ -59,7 +107,8 @@ def run_pipeline(plan: Plan, workdir: str | Path, export_to: str | Path | None, 
                                  max_tokens=architecture.MAX_TOKENS)
     dataset = data.load_dataset(folder)
     print(f"[latents] {len(dataset)} scenes, scaling_factor {dataset.scaling_factor:.5f}", flush=True)
-    unet_stage.train(plan, workdir, text, dataset, mesh=resolve_mesh(mesh, plan.unet.loop.batch))
+    unet_stage.train(plan, workdir, text, dataset, mesh=resolve_mesh(mesh, plan.unet.loop.batch), init=init,
+                     init_tag=init_tag)
     if export_to is not None:
         from train.export_shapesworld import export
         export(plan, workdir, export_to, scheduler=scheduler)
@@ -73,10 +122,17 @@ def main(argv=None) -> int:
     ap.add_argument("--plan", default="cpu", choices=sorted(PLANS))
     ap.add_argument("--export", default="jaxdiff/assets/shapesworld", help="diffusers folder to write at the end")
     ap.add_argument("--no-export", action="store_true")
+    ap.add_argument("--warm-start", metavar="DIR", help="the finished run a warm-start plan (e.g. cpu_continued) "
+                    "continues")
     ap.add_argument("--scheduler", default="auto", help="default sampler of the export: auto (judge picks) or one of "
                     "train.export_shapesworld.SCHEDULER_CANDIDATES")
     args = ap.parse_args(argv)
-    run_pipeline(PLANS[args.plan], args.workdir, None if args.no_export else args.export, scheduler=args.scheduler)
+    try:
+        run_pipeline(PLANS[args.plan], args.workdir, None if args.no_export else args.export,
+                     scheduler=args.scheduler, warm_start=args.warm_start)
+    except WarmStartError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

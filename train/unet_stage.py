@@ -23,7 +23,6 @@ object a colour binds to and which object is the subject of a relation. The UNet
 from __future__ import annotations
 
 import functools
-import sys
 from pathlib import Path
 
 import jax
@@ -81,15 +80,17 @@ def initial_params(plan: Plan, text_encoder: dict) -> dict:
 
 
 def train(plan: Plan, workdir: str | Path, text_encoder: dict, dataset: data.LatentDataset, *, mesh=None,
-          stop_after: int | None = None, out=sys.stdout):
+          stop_after: int | None = None, out=None, init: dict | None = None, init_tag: str | None = None):
     """Run (or resume) the UNet stage in ``workdir/unet``. ``text_encoder`` is the config dict completed with
-    the vocabulary (:func:`train.architecture.write_tokenizer`)."""
+    the vocabulary (:func:`train.architecture.write_tokenizer`). ``init``: starting ``{"unet", "text_encoder"}``
+    params instead of the random init (a warm start), identified by ``init_tag`` in the resume fingerprint."""
     cfg, stage = plan.unet.loop, plan.unet
     unet, text, sched = configs(plan, text_encoder)
     batch_fn = functools.partial(data.unet_batch, dataset, batch=cfg.batch, seed=cfg.seed, p_uncond=stage.p_uncond)
-    fp = fingerprint({"unet": stage, "models": [plan.models["unet"], text_encoder], "scheduler": plan.scheduler,
-                      "scaling_factor": dataset.scaling_factor})
-    return loop.run("unet", Path(workdir) / "unet", initial_params(plan, text_encoder),
+    identity = {"unet": stage, "models": [plan.models["unet"], text_encoder], "scheduler": plan.scheduler,
+                "scaling_factor": dataset.scaling_factor}
+    fp = fingerprint(identity if init_tag is None else dict(identity, init=init_tag))
+    return loop.run("unet", Path(workdir) / "unet", initial_params(plan, text_encoder) if init is None else init,
                     loss_for(unet, text, sched, dataset.scaling_factor, stage.min_snr_gamma), batch_fn, cfg,
                     config_fingerprint=fp, mesh=mesh, stop_after=stop_after, out=out)
 

@@ -15,7 +15,6 @@ held-out scenes after 1500 steps, PSNR 27.7 dB), and no diffusion model can be s
 from __future__ import annotations
 
 import functools
-import sys
 from pathlib import Path
 
 import jax
@@ -56,7 +55,7 @@ def initial_params(plan: Plan) -> dict:
     return {"vae": init_params(param_template("vae", vae_config(plan)), seed=plan.vae.loop.seed)}
 
 
-def train(plan: Plan, workdir: str | Path, *, mesh=None, stop_after: int | None = None, out=sys.stdout):
+def train(plan: Plan, workdir: str | Path, *, mesh=None, stop_after: int | None = None, out=None):
     """Run (or resume) the VAE stage in ``workdir/vae``; returns the final :class:`train.loop.TrainState`."""
     cfg = plan.vae.loop
     return loop.run("vae", Path(workdir) / "vae", initial_params(plan),
