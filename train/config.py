@@ -131,6 +131,12 @@ CPU_CONTINUED = dataclasses.replace(
     CPU_PLAN, name="cpu_continued", warm_start="cpu",
     unet=dataclasses.replace(CPU_PLAN.unet, loop=LoopConfig(steps=3000, batch=32, lr=3e-4, warmup=100, seed=3)))
 
+# A longer warm restart from CPU_CONTINUED (~2 h of UNet steps on 2 cores, spread over sessions by resuming):
+#   python -m train --plan cpu_long --warm-start runs/shapesworld_continued --workdir runs/shapesworld_long
+CPU_LONG = dataclasses.replace(
+    CPU_PLAN, name="cpu_long", warm_start="cpu_continued",
+    unet=dataclasses.replace(CPU_PLAN.unet, loop=LoopConfig(steps=10000, batch=32, lr=3e-4, warmup=100, seed=4)))
+
 # For a machine with an accelerator: the same models and data, 4x the batch and 3x the UNet steps (12x the
 # samples seen). Not run in this project yet (no GPU was lent to the session that wrote it); the shipped weights
 # come from CPU_PLAN. Resume refuses to mix plans (the checkpoint fingerprint includes the loop config).
@@ -159,5 +165,5 @@ SMOKE_PLAN = Plan(
     encode_batch=8,
 )
 
-PLANS = {"cpu": CPU_PLAN, "cpu_continued": CPU_CONTINUED, "gpu": GPU_PLAN, "smoke": SMOKE_PLAN,
+PLANS = {"cpu": CPU_PLAN, "cpu_continued": CPU_CONTINUED, "cpu_long": CPU_LONG, "gpu": GPU_PLAN, "smoke": SMOKE_PLAN,
          "smoke_continued": dataclasses.replace(SMOKE_PLAN, name="smoke_continued", warm_start="smoke")}
