@@ -32,8 +32,8 @@ from sample.loop import (NO_STEP_CAPTURE, StepCaptureSpec, as_step_capture, deno
                          reduced_captures)
 from sample.model_fns import cast_params, image_latents, latents_to_unit, unet_denoiser, unit_to_uint8
 from sample.sharding import replicate, resolve_mesh, shard_batch
-from sample.spec import (SampleResult, SampleSpec, check_images, check_latents, img2img_start, output_size,
-                         schedule_for, vae_factor)
+from sample.spec import (SampleResult, SampleSpec, check_images, check_latents, img2img_start, latent_shape,
+                         output_size, schedule_for)
 from sample.steering import Steering, as_steering
 from sample.text import (Conditioning, PromptIds, check_prompts, encode_prompts, prompt_ids, sdxl_time_ids,
                          text_encoder_names)
@@ -191,8 +191,7 @@ def _sample(model: StableDiffusionModel, prompts: list[str], *, spec: SampleSpec
     if model.is_sdxl:
         time_ids = sdxl_time_ids(height, width, spec.original_size, spec.crop_top_left, spec.target_size)
     ids = prompt_ids(model, prompts, negative_prompts, guided=spec.guided, time_ids=time_ids)
-    f = vae_factor(model)
-    shape = (b, height // f, width // f, model.configs["unet"].in_channels)
+    shape = (b, *latent_shape(model, height, width))
     vae_shape = (*shape[:3], model.configs["vae"].latent_channels)
     noise_key, vae_key, step_key = jax.random.split(jax.random.PRNGKey(seed), 3)
     noise = (np.asarray(jax.random.normal(noise_key, shape, jnp.float32)) if noise is None

@@ -9,25 +9,22 @@ on the same caption list sees exactly the starting latents of the baseline it is
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.checkpoint import StableDiffusionModel
 from jaxdiff.shapesworld import CaptionScore, score_caption
+from jaxdiff.shapesworld.accuracy import Tally
 from sample.pipeline import txt2img
-from sample.spec import SampleSpec, output_size, vae_factor
+from sample.spec import SampleSpec, latent_shape, output_size
 
 ATTRIBUTES = ("count", "colour", "shape", "background", "relation")
 
 
 def caption_noise(model: StableDiffusionModel, spec: SampleSpec, seed: int, indices: Sequence[int]) -> np.ndarray:
     """(N, h, w, C) unit-variance starting latents, row k drawn from ``fold_in(PRNGKey(seed), indices[k])``."""
-    h, w = output_size(model, spec)
-    f = vae_factor(model)
-    shape = (h // f, w // f, model.configs["unet"].in_channels)
+    shape = latent_shape(model, *output_size(model, spec))
     key = jax.random.PRNGKey(seed)
     draw = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32))
     return np.asarray(draw(jnp.asarray(indices, jnp.uint32)))
@@ -53,47 +50,31 @@ def sample_captions(model: StableDiffusionModel, captions: Sequence[str], seed: 
     return np.concatenate(out)
 
 
-@dataclass
-class Tally:
-    """Pass counts per attribute, overall, per relation and per caption kind (single / relation / triple)."""
-    counts: dict = field(default_factory=dict)          # key -> [passed, total]
-
-    def add(self, key: str, passed: bool) -> None:
-        c = self.counts.setdefault(key, [0, 0])
-        c[0] += bool(passed)
-        c[1] += 1
-
-    def add_score(self, score: CaptionScore) -> None:
-        kind = {1: "single", 3: "triple"}.get(len(score.spec.objects), "pair")
-        for name, check in score.checks.items():
-            self.add(name, check.passed)
-            self.add(f"{name}/{kind}", check.passed)
-            if name == "relation":
-                self.add(f"relation/{score.spec.relation}", check.passed)
-        for name in ("colour", "shape"):            # per caption object, as well as per caption
-            if name in score.checks:
-                check = score.checks[name]
-                for expected, found in zip(check.expected, check.found):
-                    if expected is not None:
-                        self.add(f"{name}/object", expected == found)
-        self.add("all", score.passed)
-
-    def rate(self, key: str) -> float:
-        c, n = self.counts.get(key, (0, 0))
-        return c / n if n else float("nan")
-
-    def cell(self, key: str) -> str:
-        c, n = self.counts.get(key, (0, 0))
-        return f"{100 * c / n:.1f}% ({c}/{n})" if n else "-"
+def tally_score(tally: Tally, score: CaptionScore) -> None:
+    """Count one judged image: each check overall, per caption kind (single / pair / triple) and per relation;
+    colour and shape also per named caption object; ``all`` = every check of the caption passed."""
+    kind = {1: "single", 3: "triple"}.get(len(score.spec.objects), "pair")
+    for name, check in score.checks.items():
+        tally.add(name, check.passed)
+        tally.add(f"{name}/{kind}", check.passed)
+        if name == "relation":
+            tally.add(f"relation/{score.spec.relation}", check.passed)
+    for name in ("colour", "shape"):
+        if name in score.checks:
+            check = score.checks[name]
+            for expected, found in zip(check.expected, check.found):
+                if expected is not None:
+                    tally.add(f"{name}/object", expected == found)
+    tally.add("all", score.passed)
 
 
 def judge_images(images: np.ndarray, captions: Sequence[str], tally: Tally | None = None) -> tuple[Tally, list]:
     """Score image k against caption k; returns the tally and one ``{caption, passed, checks}`` row per image."""
-    tally = tally or Tally()
+    tally = Tally() if tally is None else tally
     rows = []
     for image, caption in zip(images, captions):
         score = score_caption(np.asarray(image), caption)
-        tally.add_score(score)
+        tally_score(tally, score)
         rows.append({"caption": caption, "passed": score.passed,
                      "checks": {k: {"passed": c.passed, "expected": c.expected, "found": c.found}
                                 for k, c in score.checks.items()}})

@@ -106,6 +106,12 @@ def vae_factor(model: StableDiffusionModel) -> int:
     return 2 ** (len(model.configs["vae"].block_out_channels) - 1)
 
 
+def latent_shape(model: StableDiffusionModel, height: int, width: int) -> tuple[int, int, int]:
+    """(h, w, C) of the UNet's latents for a ``height x width`` image."""
+    f = vae_factor(model)
+    return height // f, width // f, model.configs["unet"].in_channels
+
+
 def output_size(model: StableDiffusionModel, spec: SampleSpec,
                 image_hw: tuple[int, int] | None = None) -> tuple[int, int]:
     """(height, width) in pixels: the spec's, else the init image's, else UNet sample_size x VAE factor."""

@@ -24,6 +24,7 @@ from sample.shapesworld_eval import caption_noise, judge_images, sample_captions
 from sample.spec import SampleSpec
 from tests.conftest import max_abs, nchw_to_nhwc, nhwc_to_nchw
 from tests.test_sample_fixture import torch_one_thread  # noqa: F401 - fixture
+from train.export_shapesworld import folder_bytes
 from weights_convert.pipeline import load_any
 
 # The single-object caption the shipped model draws most reliably: of 36 "a {red,blue,green,yellow} {shape} on
@@ -46,7 +47,7 @@ def model():
 
 def test_embedded_model_is_a_complete_small_sd_folder(model):
     folder = default_model_dir()
-    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    size = folder_bytes(folder)
     assert size <= 25 * 10 ** 6, f"{size / 1e6:.1f} MB"
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline"

@@ -32,21 +32,16 @@ UNITS = {"count": "scene", "colour": "object", "shape": "object", "size": "objec
          "relation": "2-object scene"}
 
 
-def _cell(tally: Tally, name: str) -> str:
-    c, n = tally.counts.get(name, (0, 0))
-    return f"{100 * c / n:.2f}% ({c}/{n})" if n else "-"
-
-
 def table(title: str, clean: Tally, degraded: Tally) -> str:
     rows = [f"**{title}**", "", "| measurement | attribute | unit | clean | degraded |", "|---|---|---|---|---|"]
     for name in RECOGNITION:
-        rows.append(f"| recognition | {name} | {UNITS[name]} | {_cell(clean, name)} | {_cell(degraded, name)} |")
+        rows.append(f"| recognition | {name} | {UNITS[name]} | {clean.cell(name, 2)} | {degraded.cell(name, 2)} |")
     for kind in ("accept", "reject"):
         for name in CHECKS:
             key = f"{kind} {name}"
             if key in clean.counts:
-                rows.append(f"| caption check, {kind} | {name} | caption | {_cell(clean, key)} | "
-                            f"{_cell(degraded, key)} |")
+                rows.append(f"| caption check, {kind} | {name} | caption | {clean.cell(key, 2)} | "
+                            f"{degraded.cell(key, 2)} |")
     return "\n".join(rows)
 
 

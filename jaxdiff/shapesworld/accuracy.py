@@ -45,6 +45,11 @@ class Tally:
         c, n = self.counts.get(name, (0, 0))
         return c / n if n else float("nan")
 
+    def cell(self, name: str, digits: int = 1) -> str:
+        """``"97.5% (39/40)"`` for a markdown table, ``"-"`` when nothing was counted."""
+        c, n = self.counts.get(name, (0, 0))
+        return f"{100 * c / n:.{digits}f}% ({c}/{n})" if n else "-"
+
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / max((a | b).sum(), 1))
