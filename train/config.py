@@ -131,15 +131,23 @@ CPU_CONTINUED = dataclasses.replace(
     CPU_PLAN, name="cpu_continued", warm_start="cpu",
     unet=dataclasses.replace(CPU_PLAN.unet, loop=LoopConfig(steps=3000, batch=32, lr=3e-4, warmup=100, seed=3)))
 
-# A longer warm restart from CPU_CONTINUED (~2 h of UNet steps on 2 cores, spread over sessions by resuming):
+# A longer warm restart from CPU_CONTINUED (~2 h of UNet steps on 2 cores, spread over sessions by resuming);
+# the shipped weights (5000 + 3000 + 10000 steps, RESULTS.md):
 #   python -m train --plan cpu_long --warm-start runs/shapesworld_continued --workdir runs/shapesworld_long
 CPU_LONG = dataclasses.replace(
     CPU_PLAN, name="cpu_long", warm_start="cpu_continued",
     unet=dataclasses.replace(CPU_PLAN.unet, loop=LoopConfig(steps=10000, batch=32, lr=3e-4, warmup=100, seed=4)))
 
+# The next warm restart, from CPU_LONG (~4 h on 2 cores; run across sessions, evaluated before it is shipped):
+#   python -m train --plan cpu_longer --warm-start runs/shapesworld_long --workdir runs/shapesworld_longer
+CPU_LONGER = dataclasses.replace(
+    CPU_PLAN, name="cpu_longer", warm_start="cpu_long",
+    unet=dataclasses.replace(CPU_PLAN.unet, loop=LoopConfig(steps=20000, batch=32, lr=3e-4, warmup=100, seed=5)))
+
 # For a machine with an accelerator: the same models and data, 4x the batch and 3x the UNet steps (12x the
 # samples seen). Not run in this project yet (no GPU was lent to the session that wrote it); the shipped weights
-# come from CPU_PLAN. Resume refuses to mix plans (the checkpoint fingerprint includes the loop config).
+# come from CPU_PLAN and its warm restarts (CPU_CONTINUED, CPU_LONG). Resume refuses to mix plans (the checkpoint
+# fingerprint includes the loop config).
 GPU_PLAN = Plan(
     name="gpu",
     vae=VAETraining(LoopConfig(steps=6000, batch=64, lr=1e-3, seed=1), object_weight=5.0),
@@ -165,5 +173,6 @@ SMOKE_PLAN = Plan(
     encode_batch=8,
 )
 
-PLANS = {"cpu": CPU_PLAN, "cpu_continued": CPU_CONTINUED, "cpu_long": CPU_LONG, "gpu": GPU_PLAN, "smoke": SMOKE_PLAN,
+PLANS = {"cpu": CPU_PLAN, "cpu_continued": CPU_CONTINUED, "cpu_long": CPU_LONG, "cpu_longer": CPU_LONGER,
+         "gpu": GPU_PLAN, "smoke": SMOKE_PLAN,
          "smoke_continued": dataclasses.replace(SMOKE_PLAN, name="smoke_continued", warm_start="smoke")}
