@@ -125,24 +125,25 @@ CPU_PLAN = Plan(
     unet=UNetTraining(LoopConfig(steps=5000, batch=32, lr=5e-4, warmup=200, seed=2), dataset_size=32768),
 )
 
-# CPU_PLAN continued for 3000 more UNet steps (the shipped weights: see RESULTS.md for both runs' figures):
+def warm_restart(base: Plan, name: str, source: str, steps: int, seed: int, lr: float = 3e-4) -> Plan:
+    """``base`` continued from the finished run of plan ``source`` (``python -m train --warm-start DIR``): the same
+    models and data, a fresh UNet optimiser with ``steps`` more steps (100 warmup, cosine decay)."""
+    loop = LoopConfig(steps=steps, batch=base.unet.loop.batch, lr=lr, warmup=100, seed=seed)
+    return dataclasses.replace(base, name=name, warm_start=source, unet=dataclasses.replace(base.unet, loop=loop))
+
+
+# CPU_PLAN continued for 3000 more UNet steps:
 #   python -m train --plan cpu_continued --warm-start runs/shapesworld --workdir runs/shapesworld_continued
-CPU_CONTINUED = dataclasses.replace(
-    CPU_PLAN, name="cpu_continued", warm_start="cpu",
-    unet=dataclasses.replace(CPU_PLAN.unet, loop=LoopConfig(steps=3000, batch=32, lr=3e-4, warmup=100, seed=3)))
+CPU_CONTINUED = warm_restart(CPU_PLAN, "cpu_continued", "cpu", steps=3000, seed=3)
 
 # A longer warm restart from CPU_CONTINUED (~2 h of UNet steps on 2 cores, spread over sessions by resuming);
 # the shipped weights (5000 + 3000 + 10000 steps, RESULTS.md):
 #   python -m train --plan cpu_long --warm-start runs/shapesworld_continued --workdir runs/shapesworld_long
-CPU_LONG = dataclasses.replace(
-    CPU_PLAN, name="cpu_long", warm_start="cpu_continued",
-    unet=dataclasses.replace(CPU_PLAN.unet, loop=LoopConfig(steps=10000, batch=32, lr=3e-4, warmup=100, seed=4)))
+CPU_LONG = warm_restart(CPU_PLAN, "cpu_long", "cpu_continued", steps=10000, seed=4)
 
 # The next warm restart, from CPU_LONG (~4 h on 2 cores; run across sessions, evaluated before it is shipped):
 #   python -m train --plan cpu_longer --warm-start runs/shapesworld_long --workdir runs/shapesworld_longer
-CPU_LONGER = dataclasses.replace(
-    CPU_PLAN, name="cpu_longer", warm_start="cpu_long",
-    unet=dataclasses.replace(CPU_PLAN.unet, loop=LoopConfig(steps=20000, batch=32, lr=3e-4, warmup=100, seed=5)))
+CPU_LONGER = warm_restart(CPU_PLAN, "cpu_longer", "cpu_long", steps=20000, seed=5)
 
 # For a machine with an accelerator: the same models and data, 4x the batch and 3x the UNet steps (12x the
 # samples seen). Not run in this project yet (no GPU was lent to the session that wrote it); the shipped weights
