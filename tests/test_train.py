@@ -215,3 +215,46 @@ def test_warm_start_continues_a_finished_run(trained, tmp_path, capfd):
     log = capfd.readouterr().out
     assert "[vae] resumed at step 6" in log and "[train] warm start from smoke:" in log and "[unet] step 6/6" in log
     assert json.loads((dst / "warm_start.json").read_text())["from"] == tag
+
+
+def test_warm_start_from_an_export(trained, tmp_path, capfd):
+    """``--warm-start`` given the diffusers export of a finished run (what a fresh machine has: the shipped asset)
+    instead of the run folder: the export's VAE is used as trained, a latent set of the plan's size is encoded by
+    it, and the UNet stage starts from the export's weights; an export of another plan is refused."""
+    from train.config import PLANS
+    from train.export_shapesworld import export
+    from train.main import WarmStartError, run_pipeline, warm_start_from
+
+    src = trained[0]
+    run_pipeline(TINY, src, None)                     # finishes the source run (completed stages are skipped)
+    exported = export(TINY, src, tmp_path / "export", scheduler="ddim_trailing", log=lambda *_: None)
+    cont = dataclasses.replace(PLANS["smoke_continued"], unet=dataclasses.replace(TINY.unet, dataset_size=16))
+    with pytest.raises(WarmStartError, match="an export of plan 'smoke'.*continues 'cpu'"):
+        warm_start_from(PLANS["cpu_continued"], exported, tmp_path / "wrong", prepare_text(TINY, tmp_path / "wrong"))
+
+    dst = tmp_path / "from_export"
+    init, tag = warm_start_from(cont, exported, dst, prepare_text(cont, dst))
+    assert tag.startswith(f"smoke:{exported}:") and (dst / vae_stage.EXPORTED / "config.json").is_file()
+    text = json.loads((src / "text_encoder.json").read_text())
+    for a, b in zip(jax.tree.leaves(init), jax.tree.leaves(unet_stage.trained_params(TINY, src, text))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(jax.tree.leaves(vae_stage.trained_params(cont, dst)),
+                    jax.tree.leaves(vae_stage.trained_params(TINY, src))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    capfd.readouterr()
+    run_pipeline(cont, dst, None, warm_start=exported)
+    log = capfd.readouterr().out
+    assert "[vae] the warm-start export's VAE" in log and "[unet] step 6/6" in log and "[vae] step" not in log
+    assert data.dataset_size(dst / "latents") == 16 and (dst / "vae_reconstruction.json").is_file()
+    with pytest.raises(ValueError, match="holds 16 encoded scenes, the plan wants 12"):
+        data.encode_dataset(dst / "latents", None, None, None, 12)
+
+
+def test_parallel_rendering_equals_serial():
+    serial = list(data.rendered_chunks(10, 4, workers=1))
+    parallel = list(data.rendered_chunks(10, 4, workers=2))      # spawned processes
+    assert [len(c) for _, c in serial] == [4, 4, 2]
+    for (a, ca), (b, cb) in zip(serial, parallel):
+        np.testing.assert_array_equal(a, b)
+        assert ca == cb

@@ -14,8 +14,11 @@ Stages (each skipped when already complete in ``--workdir``; a killed stage resu
 
 Warm start (a plan with ``warm_start``, e.g. ``cpu_continued``): ``--warm-start DIR`` names the finished run
 of that plan; its ``tokenizer/``, ``text_encoder.json``, ``vae/``, ``vae_reconstruction.json`` and ``latents/``
-are copied into ``--workdir`` (the VAE stage then finds itself complete; a different VAE configuration is
-refused) and the UNet stage starts from its EMA weights.
+(when the plan has the same number of scenes) are copied into ``--workdir`` (the VAE stage then finds itself
+complete; a different VAE configuration is refused) and the UNet stage starts from its EMA weights. ``DIR``
+may instead be that run's diffusers export (e.g. the shipped ``jaxdiff/assets/shapesworld``, which is what a
+fresh machine has): its VAE is used as trained, the latents are encoded by it, and the UNet stage starts from its
+weights (:func:`warm_start_from_export`).
 
 Data parallelism: every local device is used (batch sharded over a 1-D mesh) when there are several and they
 divide the batch; on a CPU-only machine that is one device unless XLA is told otherwise.
@@ -34,6 +37,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jaxdiff.checkpoint import config_from_dict
 from train import architecture, data, unet_stage, vae_stage
 from train.config import PLANS, Plan
 
@@ -63,20 +67,54 @@ def warm_start_from(plan: Plan, source: str | Path | None, workdir: Path, text: 
         raise WarmStartError(f"plan {plan.name!r} continues a finished {plan.warm_start!r} run: pass "
                          f"--warm-start DIR (that run's --workdir)")
     source = Path(source)
-    for name in SHARED_WITH_WARM_START:
-        src, dst = source / name, workdir / name
-        if not src.exists() and name != "vae_reconstruction.json":        # (that report is recomputed)
-            raise WarmStartError(f"--warm-start {source}: no {name} (not a finished {plan.warm_start!r} run)")
-        if src.exists() and not dst.exists():
-            (shutil.copytree if src.is_dir() else shutil.copyfile)(src, dst)
-    try:
-        params = unet_stage.trained_params(PLANS[plan.warm_start], source, text)
-    except RuntimeError as e:                                              # stage not finished
-        raise WarmStartError(f"--warm-start {source}: {e}") from None
+    if (source / "model_index.json").is_file():
+        params = warm_start_from_export(plan, source, workdir)
+    else:
+        for name in SHARED_WITH_WARM_START:
+            src, dst = source / name, workdir / name
+            if not src.exists() and name != "vae_reconstruction.json":        # (that report is recomputed)
+                raise WarmStartError(f"--warm-start {source}: no {name} (not a finished {plan.warm_start!r} run)")
+            if name == "latents" and data.dataset_size(src) != plan.unet.dataset_size:
+                continue                                    # a different number of scenes: encoded afresh
+            if src.exists() and not dst.exists():
+                (shutil.copytree if src.is_dir() else shutil.copyfile)(src, dst)
+        try:
+            params = unet_stage.trained_params(PLANS[plan.warm_start], source, text)
+        except RuntimeError as e:                                              # stage not finished
+            raise WarmStartError(f"--warm-start {source}: {e}") from None
     digest = hashlib.sha256()
     for leaf in jax.tree.leaves(params):
         digest.update(np.ascontiguousarray(leaf).tobytes())
     return params, f"{plan.warm_start}:{source.absolute()}:{digest.hexdigest()[:16]}"
+
+
+def warm_start_from_export(plan: Plan, source: Path, workdir: Path) -> dict:
+    """The ``{"unet", "text_encoder"}`` params of ``source``, a diffusers folder exported by a finished run of
+    ``plan.warm_start`` (:mod:`train.export_shapesworld`, e.g. the shipped ``jaxdiff/assets/shapesworld``).
+    Its provenance must name that plan and its networks and vocabulary must be the plan's; its VAE folder is
+    copied to ``workdir`` as the trained VAE (:data:`train.vae_stage.EXPORTED`) and the latents are encoded by it.
+    """
+    from weights_convert.pipeline import load_any
+
+    provenance = source / "shapesworld_training.json"
+    made_by = json.loads(provenance.read_text()).get("plan") if provenance.is_file() else None
+    if made_by != plan.warm_start:
+        raise WarmStartError(f"--warm-start {source}: an export of plan {made_by!r} (its shapesworld_training.json), "
+                             f"but plan {plan.name!r} continues {plan.warm_start!r}")
+    model = load_any(source)
+    text = json.loads((workdir / "text_encoder.json").read_text())
+    scaling = model.config_dicts["vae"].get("scaling_factor", 1.0)
+    want = {"unet": plan.models["unet"], "text_encoder": text, "vae": dict(plan.models["vae"], scaling_factor=scaling)}
+    for name, config in want.items():
+        if config_from_dict(name, config) != model.configs[name]:
+            raise WarmStartError(f"--warm-start {source}: its {name} is not plan {plan.name!r}'s {name} "
+                                 f"(config.json differs from train.architecture)")
+    for name in ("vocab.json", "merges.txt"):
+        if (source / "tokenizer" / name).read_text() != (workdir / "tokenizer" / name).read_text():
+            raise WarmStartError(f"--warm-start {source}: tokenizer/{name} is not the plan's vocabulary")
+    if not (workdir / vae_stage.EXPORTED).exists():
+        shutil.copytree(source / "vae", workdir / vae_stage.EXPORTED)
+    return {"unet": model.params["unet"], "text_encoder": model.params["text_encoder"]}
 
 
 def run_pipeline(plan: Plan, workdir: str | Path, export_to: str | Path | None, *, scheduler: str = "auto",
@@ -93,7 +131,10 @@ def run_pipeline(plan: Plan, workdir: str | Path, export_to: str | Path | None, 
     if init_tag is not None:
         (workdir / "warm_start.json").write_text(json.dumps({"plan": plan.warm_start, "from": init_tag}, indent=2))
         print(f"[train] warm start from {init_tag}", flush=True)
-    vae_stage.train(plan, workdir, mesh=resolve_mesh(mesh, plan.vae.loop.batch))
+    if (workdir / vae_stage.EXPORTED).is_dir():
+        print(f"[vae] the warm-start export's VAE ({vae_stage.EXPORTED}/)", flush=True)
+    else:
+        vae_stage.train(plan, workdir, mesh=resolve_mesh(mesh, plan.vae.loop.batch))
     vae_params = vae_stage.trained_params(plan, workdir)
     report_path = workdir / "vae_reconstruction.json"
     if not report_path.is_file():

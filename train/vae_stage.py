@@ -65,8 +65,16 @@ def train(plan: Plan, workdir: str | Path, *, mesh=None, stop_after: int | None 
                     mesh=mesh, stop_after=stop_after, out=out)
 
 
+# A warm start from an exported model (:func:`train.main.warm_start_from_export`) puts that model's VAE here, as a
+# diffusers component folder, in place of this stage's checkpoints.
+EXPORTED = "vae_exported"
+
+
 def trained_params(plan: Plan, workdir: str | Path) -> dict:
-    """EMA params of the finished VAE stage."""
+    """EMA params of the finished VAE stage (or the VAE of the export a warm start began from)."""
+    if (Path(workdir) / EXPORTED).is_dir():
+        from weights_convert.components import load_component
+        return load_component(Path(workdir) / EXPORTED, "vae")[1]
     template = {"vae": param_template("vae", vae_config(plan))}
     return loop.trained_ema("vae", Path(workdir) / "vae", template, plan.vae.loop)["vae"]
 
