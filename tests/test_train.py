@@ -250,6 +250,16 @@ def test_warm_start_from_an_export(trained, tmp_path, capfd):
     with pytest.raises(ValueError, match="holds 16 encoded scenes, the plan wants 12"):
         data.encode_dataset(dst / "latents", None, None, None, 12)
 
+    # an export made with a fixed sampler (as on a lent GPU) gets the judge's choice afterwards, weights untouched
+    from train.export_shapesworld import SCHEDULER_CANDIDATES, choose_scheduler_of
+    weights = {p.relative_to(exported): p.read_bytes() for p in exported.rglob("*.safetensors")}
+    name = choose_scheduler_of(exported, n_captions=6, steps=2, log=lambda *_: None)
+    provenance = json.loads((exported / "shapesworld_training.json").read_text())
+    assert provenance["scheduler"] == name and set(provenance["scheduler_comparison"]) == set(SCHEDULER_CANDIDATES)
+    assert provenance["plan"] == "smoke" and provenance["comparison_captions"] == 6
+    assert json.loads((exported / "scheduler" / "scheduler_config.json").read_text()) == SCHEDULER_CANDIDATES[name]
+    assert {p.relative_to(exported): p.read_bytes() for p in exported.rglob("*.safetensors")} == weights
+
 
 def test_parallel_rendering_equals_serial():
     serial = list(data.rendered_chunks(10, 4, workers=1))

@@ -139,28 +139,36 @@ def warm_restart(base: Plan, name: str, source: str, steps: int, seed: int, lr: 
 #   python -m train --plan cpu_continued --warm-start runs/shapesworld --workdir runs/shapesworld_continued
 CPU_CONTINUED = warm_restart(CPU_PLAN, "cpu_continued", "cpu", steps=3000, seed=3)
 
-# A longer warm restart from CPU_CONTINUED (~2 h of UNet steps on 2 cores, spread over sessions by resuming);
-# the shipped weights (5000 + 3000 + 10000 steps, RESULTS.md):
+# A longer warm restart from CPU_CONTINUED (~2 h of UNet steps on 2 cores, spread over sessions by resuming;
+# 5000 + 3000 + 10000 steps, shipped until the GPU runs below replaced it, RESULTS.md):
 #   python -m train --plan cpu_long --warm-start runs/shapesworld_continued --workdir runs/shapesworld_long
 CPU_LONG = warm_restart(CPU_PLAN, "cpu_long", "cpu_continued", steps=10000, seed=4)
 
-# The next warm restart, from CPU_LONG (~4 h on 2 cores; run across sessions, evaluated before it is shipped):
+# The next CPU warm restart, from CPU_LONG (~4 h on 2 cores); stopped at step 4400 and abandoned when a GPU was
+# lent (GPU_CONTINUED and GPU_LONG saw 9x the samples in 10 minutes):
 #   python -m train --plan cpu_longer --warm-start runs/shapesworld_long --workdir runs/shapesworld_longer
 CPU_LONGER = warm_restart(CPU_PLAN, "cpu_longer", "cpu_long", steps=20000, seed=5)
 
-# The shipped model (CPU_LONG's export) continued on one GPU: 8x the batch, 4x the scenes (131072, encoded by the
-# export's VAE on the GPU), 4000 steps = 1.02M samples (1.8x all CPU training before it). Run on a lent H200 by
-# train/gpu_continued.sh (RESULTS.md has the record):
+# CPU_LONG's export (the then shipped model) continued on one GPU: 8x the batch, 4x the scenes (131072, encoded
+# by the export's VAE), 4000 steps = 1.02M samples (1.8x all CPU training before it). Run on a lent H200 by
+# train/run_on_gpu.sh in 3 min (RESULTS.md has the record):
 #   python -m train --plan gpu_continued --warm-start jaxdiff/assets/shapesworld --workdir runs/gpu_continued
 GPU_CONTINUED = dataclasses.replace(
     warm_restart(CPU_PLAN, "gpu_continued", "cpu_long", steps=4000, seed=6, batch=256, dataset_size=131072,
                  save_every=1000, log_every=100),
     encode_batch=2048)
 
+# GPU_CONTINUED continued on the GPU for 4x as long (16000 steps x 256 = 4.1M samples), from its export; the
+# shipped weights (38000 UNet steps, 5.7M samples in all; 8.2 min on an H200 by train/run_on_gpu.sh):
+#   python -m train --plan gpu_long --warm-start <gpu_continued export> --workdir runs/gpu_long
+GPU_LONG = dataclasses.replace(
+    warm_restart(CPU_PLAN, "gpu_long", "gpu_continued", steps=16000, seed=7, batch=256, dataset_size=131072,
+                 save_every=2000, log_every=200),
+    encode_batch=2048)
+
 # For a machine with an accelerator, from scratch: the same models and data, 4x the batch and 3x the UNet steps (12x the
-# samples seen). Not run in this project yet (no GPU was lent to the session that wrote it); the shipped weights
-# come from CPU_PLAN and its warm restarts (CPU_CONTINUED, CPU_LONG). Resume refuses to mix plans (the checkpoint
-# fingerprint includes the loop config).
+# samples seen). Not run in this project: the lent GPU time went to continuing the CPU-trained model instead
+# (GPU_CONTINUED, GPU_LONG). Resume refuses to mix plans (the checkpoint fingerprint includes the loop config).
 GPU_PLAN = Plan(
     name="gpu",
     vae=VAETraining(LoopConfig(steps=6000, batch=64, lr=1e-3, seed=1), object_weight=5.0),
@@ -187,5 +195,5 @@ SMOKE_PLAN = Plan(
 )
 
 PLANS = {"cpu": CPU_PLAN, "cpu_continued": CPU_CONTINUED, "cpu_long": CPU_LONG, "cpu_longer": CPU_LONGER,
-         "gpu": GPU_PLAN, "gpu_continued": GPU_CONTINUED, "smoke": SMOKE_PLAN,
+         "gpu": GPU_PLAN, "gpu_continued": GPU_CONTINUED, "gpu_long": GPU_LONG, "smoke": SMOKE_PLAN,
          "smoke_continued": dataclasses.replace(SMOKE_PLAN, name="smoke_continued", warm_start="smoke")}

@@ -1,6 +1,7 @@
 """Export the trained ShapesWorld model (EMA weights) as a diffusers folder, and pick its default sampler.
 
     python -m train.export_shapesworld --workdir runs/shapesworld --dst jaxdiff/assets/shapesworld
+    python -m train.export_shapesworld --choose-scheduler-of EXPORT     # re-pick the sampler of an export
 
 writes ``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/`` (config.json + safetensors),
 ``tokenizer/`` (CLIP-BPE vocab.json + merges.txt), ``scheduler/scheduler_config.json`` and
@@ -88,34 +89,62 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def export(plan: Plan, workdir: str | Path, dst: str | Path, *, scheduler: str = "auto", dtype=np.float32,
-           n_captions: int = 48, seeds: tuple[int, ...] = (0,), steps: int = 30, log=print) -> Path:
-    """Write the diffusers folder atomically into ``dst`` (see module doc); returns ``dst``."""
+def write_folder(model: StableDiffusionModel, dst: str | Path, provenance: dict, dtype=np.float32) -> Path:
+    """Write ``model`` and its ``shapesworld_training.json`` atomically into ``dst`` (replacing what was there)."""
     from weights_convert.export import export_diffusers_folder
 
-    model = build_model(plan, workdir)
-    comparison = None
-    if scheduler == "auto":
-        scheduler, comparison = choose_scheduler(model, n_captions, seeds, steps, log)
-    model = StableDiffusionModel(model.configs, model.params, model.config_dicts,
-                                 SCHEDULER_CANDIDATES[scheduler], model.tokenizer_dirs)
     dst = Path(dst).absolute()
     with atomic_folder(dst) as tmp:
         export_diffusers_folder(model, tmp, dtype=dtype)
-        warm = Path(workdir) / "warm_start.json"
-        provenance = {"plan": plan.name, "workdir": str(workdir), "weights": "EMA", "dtype": np.dtype(dtype).name,
-                      "warm_start": json.loads(warm.read_text()) if warm.is_file() else None,
-                      "scaling_factor": model.config_dicts["vae"]["scaling_factor"], "scheduler": scheduler,
-                      "scheduler_comparison": comparison, "comparison_steps": steps,
-                      "comparison_captions": n_captions, "comparison_seeds": list(seeds)}
         (tmp / "shapesworld_training.json").write_text(json.dumps(provenance, indent=2))
         for path in [tmp, *tmp.rglob("*")]:      # mkdtemp / safetensors create owner-only files: a package
             path.chmod(0o755 if path.is_dir() else 0o644)   # asset must be world-readable
         size = folder_bytes(tmp)
         if size > MAX_BYTES:
             raise RuntimeError(f"export is {size / 1e6:.1f} MB, over the {MAX_BYTES / 1e6:.0f} MB package budget")
+    return dst
+
+
+def with_scheduler(model: StableDiffusionModel, name: str) -> StableDiffusionModel:
+    return StableDiffusionModel(model.configs, model.params, model.config_dicts, SCHEDULER_CANDIDATES[name],
+                                model.tokenizer_dirs)
+
+
+def export(plan: Plan, workdir: str | Path, dst: str | Path, *, scheduler: str = "auto", dtype=np.float32,
+           n_captions: int = 48, seeds: tuple[int, ...] = (0,), steps: int = 30, log=print) -> Path:
+    """Write the diffusers folder atomically into ``dst`` (see module doc); returns ``dst``."""
+    model = build_model(plan, workdir)
+    comparison = None
+    if scheduler == "auto":
+        scheduler, comparison = choose_scheduler(model, n_captions, seeds, steps, log)
+    warm = Path(workdir) / "warm_start.json"
+    provenance = {"plan": plan.name, "workdir": str(workdir), "weights": "EMA", "dtype": np.dtype(dtype).name,
+                  "warm_start": json.loads(warm.read_text()) if warm.is_file() else None,
+                  "scaling_factor": model.config_dicts["vae"]["scaling_factor"], "scheduler": scheduler,
+                  "scheduler_comparison": comparison, "comparison_steps": steps,
+                  "comparison_captions": n_captions, "comparison_seeds": list(seeds)}
+    dst = write_folder(with_scheduler(model, scheduler), dst, provenance, dtype)
     log(f"[export] wrote {dst} ({folder_bytes(dst) / 1e6:.1f} MB, scheduler {scheduler})")
     return dst
+
+
+def choose_scheduler_of(folder: str | Path, *, n_captions: int = 48, seeds: tuple[int, ...] = (0,),
+                        steps: int = 30, log=print) -> str:
+    """Run the judge's sampler choice (:func:`choose_scheduler`, the same captions and seeds as :func:`export`'s
+    ``--scheduler auto``) on an existing export ``folder`` made with a fixed sampler (e.g. on a lent GPU, where
+    the comparison was skipped to save device time), and rewrite the folder with the winner; the weights are
+    re-written unchanged (float32 round trip). Returns the winner's name."""
+    from weights_convert.pipeline import load_any
+
+    folder = Path(folder)
+    provenance = json.loads((folder / "shapesworld_training.json").read_text())
+    model = load_any(folder)
+    name, comparison = choose_scheduler(model, n_captions, seeds, steps, log)
+    provenance.update(scheduler=name, scheduler_comparison=comparison, comparison_steps=steps,
+                      comparison_captions=n_captions, comparison_seeds=list(seeds))
+    write_folder(with_scheduler(model, name), folder, provenance, np.dtype(provenance.get("dtype", "float32")))
+    log(f"[export] {folder}: scheduler {name}")
+    return name
 
 
 def main(argv=None) -> int:
@@ -128,7 +157,12 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     ap.add_argument("--captions", type=int, default=48, help="held-out captions per sampler comparison")
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--choose-scheduler-of", metavar="EXPORT", help="only run the judge's sampler choice on an "
+                    "existing export and rewrite it with the winner (the other flags but --captions/--steps unused)")
     args = ap.parse_args(argv)
+    if args.choose_scheduler_of:
+        choose_scheduler_of(args.choose_scheduler_of, n_captions=args.captions, steps=args.steps)
+        return 0
     export(PLANS[args.plan], args.workdir, args.dst, scheduler=args.scheduler, dtype=np.dtype(args.dtype),
            n_captions=args.captions, steps=args.steps)
     return 0
