@@ -135,6 +135,13 @@ def warm_restart(base: Plan, name: str, source: str, steps: int, seed: int, lr: 
     return dataclasses.replace(base, name=name, warm_start=source, unet=unet)
 
 
+def gpu_restart(name: str, source: str, steps: int, seed: int, save_every: int = 2000, log_every: int = 200) -> Plan:
+    """A warm restart sized for one GPU (:func:`warm_restart` of CPU_PLAN): batch 256 over 131072 scenes, encoded
+    in chunks of 2048."""
+    return dataclasses.replace(warm_restart(CPU_PLAN, name, source, steps, seed, batch=256, dataset_size=131072,
+                                            save_every=save_every, log_every=log_every), encode_batch=2048)
+
+
 # CPU_PLAN continued for 3000 more UNet steps:
 #   python -m train --plan cpu_continued --warm-start runs/shapesworld --workdir runs/shapesworld_continued
 CPU_CONTINUED = warm_restart(CPU_PLAN, "cpu_continued", "cpu", steps=3000, seed=3)
@@ -153,18 +160,17 @@ CPU_LONGER = warm_restart(CPU_PLAN, "cpu_longer", "cpu_long", steps=20000, seed=
 # by the export's VAE), 4000 steps = 1.02M samples (1.8x all CPU training before it). Run on a lent H200 by
 # train/run_on_gpu.sh in 3 min (RESULTS.md has the record):
 #   python -m train --plan gpu_continued --warm-start jaxdiff/assets/shapesworld --workdir runs/gpu_continued
-GPU_CONTINUED = dataclasses.replace(
-    warm_restart(CPU_PLAN, "gpu_continued", "cpu_long", steps=4000, seed=6, batch=256, dataset_size=131072,
-                 save_every=1000, log_every=100),
-    encode_batch=2048)
+GPU_CONTINUED = gpu_restart("gpu_continued", "cpu_long", steps=4000, seed=6, save_every=1000, log_every=100)
 
 # GPU_CONTINUED continued on the GPU for 4x as long (16000 steps x 256 = 4.1M samples), from its export; the
 # shipped weights (38000 UNet steps, 5.7M samples in all; 8.2 min on an H200 by train/run_on_gpu.sh):
 #   python -m train --plan gpu_long --warm-start <gpu_continued export> --workdir runs/gpu_long
-GPU_LONG = dataclasses.replace(
-    warm_restart(CPU_PLAN, "gpu_long", "gpu_continued", steps=16000, seed=7, batch=256, dataset_size=131072,
-                 save_every=2000, log_every=200),
-    encode_batch=2048)
+GPU_LONG = gpu_restart("gpu_long", "gpu_continued", steps=16000, seed=7)
+
+# The next step for a lent GPU (not run yet): GPU_LONG's export, i.e. the shipped asset, for another 16000 x 256
+# (~6.7 min of training, ~8.5 min for train/run_on_gpu.sh in all):
+#   PLAN=gpu_longer bash train/run_on_gpu.sh OUTDIR
+GPU_LONGER = gpu_restart("gpu_longer", "gpu_long", steps=16000, seed=8)
 
 # For a machine with an accelerator, from scratch: the same models and data, 4x the batch and 3x the UNet steps (12x the
 # samples seen). Not run in this project: the lent GPU time went to continuing the CPU-trained model instead
@@ -195,5 +201,5 @@ SMOKE_PLAN = Plan(
 )
 
 PLANS = {"cpu": CPU_PLAN, "cpu_continued": CPU_CONTINUED, "cpu_long": CPU_LONG, "cpu_longer": CPU_LONGER,
-         "gpu": GPU_PLAN, "gpu_continued": GPU_CONTINUED, "gpu_long": GPU_LONG, "smoke": SMOKE_PLAN,
+         "gpu": GPU_PLAN, "gpu_continued": GPU_CONTINUED, "gpu_long": GPU_LONG, "gpu_longer": GPU_LONGER, "smoke": SMOKE_PLAN,
          "smoke_continued": dataclasses.replace(SMOKE_PLAN, name="smoke_continued", warm_start="smoke")}
