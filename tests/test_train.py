@@ -223,7 +223,7 @@ def test_warm_start_from_an_export(trained, tmp_path, capfd):
     it, and the UNet stage starts from the export's weights; an export of another plan is refused."""
     from train.config import PLANS
     from train.export_shapesworld import export
-    from train.main import WarmStartError, run_pipeline, warm_start_from
+    from train.main import WarmStartError, main, run_pipeline, warm_start_from
 
     src = trained[0]
     run_pipeline(TINY, src, None)                     # finishes the source run (completed stages are skipped)
@@ -247,8 +247,12 @@ def test_warm_start_from_an_export(trained, tmp_path, capfd):
     log = capfd.readouterr().out
     assert "[vae] the warm-start export's VAE" in log and "[unet] step 6/6" in log and "[vae] step" not in log
     assert data.dataset_size(dst / "latents") == 16 and (dst / "vae_reconstruction.json").is_file()
-    with pytest.raises(ValueError, match="holds 16 encoded scenes, the plan wants 12"):
+    with pytest.raises(data.DatasetSizeError, match="holds 16 encoded scenes, the plan wants 12"):
         data.encode_dataset(dst / "latents", None, None, None, 12)
+    capfd.readouterr()                                 # the CLI says so in one line, no traceback
+    assert main(["--plan", "smoke", "--workdir", str(dst), "--no-export"]) == 2
+    err = capfd.readouterr().err
+    assert err.startswith("error: ") and "holds 16 encoded scenes" in err and "Traceback" not in err
 
     # an export made with a fixed sampler (as on a lent GPU) gets the judge's choice afterwards, weights untouched
     from train.export_shapesworld import SCHEDULER_CANDIDATES, choose_scheduler_of

@@ -125,6 +125,10 @@ def rendered_chunks(n: int, chunk: int, workers: int):
         yield from pool.map(scene_images, ranges)
 
 
+class DatasetSizeError(ValueError):
+    """A latent folder encoded for another number of scenes than the plan's."""
+
+
 def dataset_size(folder: str | Path) -> int | None:
     """The number of scenes of a complete latent dataset ``folder`` (None when there is none)."""
     meta = Path(folder) / "meta.json"
@@ -140,7 +144,7 @@ def encode_dataset(folder: str | Path, vae_params, vae_config: VAEConfig, tokeni
     have = dataset_size(folder)
     if have is not None:
         if have != n:
-            raise ValueError(f"{folder} holds {have} encoded scenes, the plan wants {n}: use a new --workdir")
+            raise DatasetSizeError(f"{folder} holds {have} encoded scenes, the plan wants {n}: use a new --workdir")
         return folder
     if workers is None:
         workers = min(os.cpu_count() or 1, -(-n // chunk)) if n > 4 * chunk else 1

@@ -38,7 +38,7 @@ import jax
 import numpy as np
 
 from jaxdiff.checkpoint import config_from_dict
-from train import architecture, data, unet_stage, vae_stage
+from train import architecture, data, loop, unet_stage, vae_stage
 from train.config import PLANS, Plan
 
 
@@ -65,7 +65,7 @@ def warm_start_from(plan: Plan, source: str | Path | None, workdir: Path, text: 
         return None, None
     if source is None:
         raise WarmStartError(f"plan {plan.name!r} continues a finished {plan.warm_start!r} run: pass "
-                         f"--warm-start DIR (that run's --workdir)")
+                         f"--warm-start DIR (that run's --workdir, or its export)")
     source = Path(source)
     if (source / "model_index.json").is_file():
         params = warm_start_from_export(plan, source, workdir)
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     try:
         run_pipeline(PLANS[args.plan], args.workdir, None if args.no_export else args.export,
                      scheduler=args.scheduler, warm_start=args.warm_start)
-    except WarmStartError as e:
+    except (WarmStartError, loop.ResumeError, data.DatasetSizeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
