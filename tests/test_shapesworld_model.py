@@ -128,3 +128,20 @@ def test_baseline_script_writes_table_figures_and_sidecar(tmp_path):
     assert text.count(baseline.MARK_START) == 1 and "kept text" in text and "| left of |" in text
     for name in ("shapesworld_baseline_grid.png", "shapesworld_neutral_grid.png"):
         assert Image.open(tmp_path / "fig" / name).size[0] > 64
+
+
+def test_gpu_script_default_plan_continues_the_shipped_model(tmp_path, model):
+    """``train/run_on_gpu.sh`` with no PLAN/SRC warm-starts its default plan from the shipped asset: that plan must
+    be the one continuing the asset's own plan (else the run is refused on the GPU, wasting device time)."""
+    import re
+    from pathlib import Path
+
+    from train.config import PLANS
+    from train.main import prepare_text, warm_start_from
+
+    script = (Path(__file__).parents[1] / "train" / "run_on_gpu.sh").read_text()
+    plan = PLANS[re.search(r"plan=\$\{PLAN:-(\w+)\}", script)[1]]
+    init, tag = warm_start_from(plan, default_model_dir(), tmp_path, prepare_text(plan, tmp_path))
+    assert tag.startswith(json.loads((default_model_dir() / "shapesworld_training.json").read_text())["plan"] + ":")
+    for a, b in zip(jax.tree.leaves(init["unet"]), jax.tree.leaves(model.params["unet"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -159,7 +159,7 @@ CPU_LONGER = warm_restart(CPU_PLAN, "cpu_longer", "cpu_long", steps=20000, seed=
 # CPU_LONG's export (the then shipped model) continued on one GPU: 8x the batch, 4x the scenes (131072, encoded
 # by the export's VAE), 4000 steps = 1.02M samples (1.8x all CPU training before it). Run on a lent H200 by
 # train/run_on_gpu.sh in 3 min (RESULTS.md has the record):
-#   python -m train --plan gpu_continued --warm-start jaxdiff/assets/shapesworld --workdir runs/gpu_continued
+#   python -m train --plan gpu_continued --warm-start <cpu_long export> --workdir runs/gpu_continued
 GPU_CONTINUED = gpu_restart("gpu_continued", "cpu_long", steps=4000, seed=6, save_every=1000, log_every=100)
 
 # GPU_CONTINUED continued on the GPU for 4x as long (16000 steps x 256 = 4.1M samples), from its export; the
@@ -168,13 +168,14 @@ GPU_CONTINUED = gpu_restart("gpu_continued", "cpu_long", steps=4000, seed=6, sav
 GPU_LONG = gpu_restart("gpu_long", "gpu_continued", steps=16000, seed=7)
 
 # The next step for a lent GPU (not run yet): GPU_LONG's export, i.e. the shipped asset, for another 16000 x 256
-# (~6.7 min of training, ~8.5 min for train/run_on_gpu.sh in all):
-#   PLAN=gpu_longer bash train/run_on_gpu.sh OUTDIR
+# (~6.7 min of training, ~8.5 min for train/run_on_gpu.sh in all; that script's default plan and source):
+#   bash train/run_on_gpu.sh OUTDIR
 GPU_LONGER = gpu_restart("gpu_longer", "gpu_long", steps=16000, seed=8)
 
-# For a machine with an accelerator, from scratch: the same models and data, 4x the batch and 3x the UNet steps (12x the
-# samples seen). Not run in this project: the lent GPU time went to continuing the CPU-trained model instead
-# (GPU_CONTINUED, GPU_LONG). Resume refuses to mix plans (the checkpoint fingerprint includes the loop config).
+# For a machine with an accelerator, from scratch: the same models and data, 4x the batch and 3x the UNet
+# steps (12x the samples seen). Not run in this project: the lent GPU time went to continuing the CPU-trained
+# model instead (GPU_CONTINUED, GPU_LONG). Resume refuses to mix plans (the checkpoint fingerprint includes the
+# loop config).
 GPU_PLAN = Plan(
     name="gpu",
     vae=VAETraining(LoopConfig(steps=6000, batch=64, lr=1e-3, seed=1), object_weight=5.0),
@@ -201,5 +202,6 @@ SMOKE_PLAN = Plan(
 )
 
 PLANS = {"cpu": CPU_PLAN, "cpu_continued": CPU_CONTINUED, "cpu_long": CPU_LONG, "cpu_longer": CPU_LONGER,
-         "gpu": GPU_PLAN, "gpu_continued": GPU_CONTINUED, "gpu_long": GPU_LONG, "gpu_longer": GPU_LONGER, "smoke": SMOKE_PLAN,
+         "gpu": GPU_PLAN, "gpu_continued": GPU_CONTINUED, "gpu_long": GPU_LONG, "gpu_longer": GPU_LONGER,
+         "smoke": SMOKE_PLAN,
          "smoke_continued": dataclasses.replace(SMOKE_PLAN, name="smoke_continued", warm_start="smoke")}

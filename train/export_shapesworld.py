@@ -21,6 +21,7 @@ and becomes ``scheduler_config.json``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -70,15 +71,19 @@ def judge_scores(model: StableDiffusionModel, captions: list[str], seeds: tuple[
     return {a: tally.rate(a) for a in ATTRIBUTES if a in tally.counts}
 
 
+def with_scheduler(model: StableDiffusionModel, name: str) -> StableDiffusionModel:
+    """``model`` with the sampler ``name`` of :data:`SCHEDULER_CANDIDATES`."""
+    return dataclasses.replace(model, scheduler_config=SCHEDULER_CANDIDATES[name])
+
+
 def choose_scheduler(model: StableDiffusionModel, n_captions: int, seeds: tuple[int, ...], steps: int,
                      log=print) -> tuple[str, dict]:
     from jaxdiff.shapesworld import eval_captions
 
     captions = eval_captions(n_captions)
     results = {}
-    for name, cfg in SCHEDULER_CANDIDATES.items():
-        candidate = StableDiffusionModel(model.configs, model.params, model.config_dicts, cfg, model.tokenizer_dirs)
-        scores = judge_scores(candidate, captions, seeds, steps)
+    for name in SCHEDULER_CANDIDATES:
+        scores = judge_scores(with_scheduler(model, name), captions, seeds, steps)
         results[name] = dict(scores, mean=float(np.mean(list(scores.values()))))
         log(f"[export] {name}: " + "  ".join(f"{k} {v:.3f}" for k, v in results[name].items()))
     best = max(results, key=lambda n: results[n]["mean"])
@@ -105,9 +110,6 @@ def write_folder(model: StableDiffusionModel, dst: str | Path, provenance: dict,
     return dst
 
 
-def with_scheduler(model: StableDiffusionModel, name: str) -> StableDiffusionModel:
-    return StableDiffusionModel(model.configs, model.params, model.config_dicts, SCHEDULER_CANDIDATES[name],
-                                model.tokenizer_dirs)
 
 
 def export(plan: Plan, workdir: str | Path, dst: str | Path, *, scheduler: str = "auto", dtype=np.float32,

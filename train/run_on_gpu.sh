@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# A warm-start plan (default gpu_continued, train/config.py) on one lent GPU, from the shipped model, in one
+# A warm-start plan (default gpu_longer, train/config.py) on one lent GPU, from the shipped model, in one
 # command that fits the device tool's 10-minute call: train, export, pack the export for the trip back.
 #
 #   bash train/run_on_gpu.sh OUTDIR               (OUTDIR: where train.log and export.tar.* go)
 #   tar -xf <(cat OUTDIR/export.tar.*) -C DEST  (unpacks DEST/export, a diffusers folder)
 #
-# The export's sampler is fixed to DDIM trailing (the shipped model's judge choice) rather than re-chosen by
+# The export's sampler is fixed to DDIM trailing rather than chosen by
 # the judge (--scheduler auto), which would spend ~1.5 min of device time sampling 3 x 48 captions.
 # PLAN / SRC override the plan and the warm-start source (a dry run: PLAN=smoke_continued SRC=<smoke export>);
 # PYTHON the interpreter (default python3: the device image's, which has JAX with CUDA). Afterwards, on any
 # machine: python -m train.export_shapesworld --choose-scheduler-of DEST/export (the judge's sampler choice).
 set -euo pipefail
 out=$(realpath "${1:?usage: run_on_gpu.sh OUTDIR}")
-plan=${PLAN:-gpu_continued}
+plan=${PLAN:-gpu_longer}     # the plan that continues the shipped asset (gpu_long's export)
 src=${SRC:-jaxdiff/assets/shapesworld}
 py=${PYTHON:-python3}
 work=$(mktemp -d)
