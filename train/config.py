@@ -162,15 +162,21 @@ CPU_LONGER = warm_restart(CPU_PLAN, "cpu_longer", "cpu_long", steps=20000, seed=
 #   python -m train --plan gpu_continued --warm-start <cpu_long export> --workdir runs/gpu_continued
 GPU_CONTINUED = gpu_restart("gpu_continued", "cpu_long", steps=4000, seed=6, save_every=1000, log_every=100)
 
-# GPU_CONTINUED continued on the GPU for 4x as long (16000 steps x 256 = 4.1M samples), from its export; the
-# shipped weights (38000 UNet steps, 5.7M samples in all; 8.2 min on an H200 by train/run_on_gpu.sh):
+# GPU_CONTINUED continued on the GPU for 4x as long (16000 steps x 256 = 4.1M samples), from its export (shipped
+# from session 4 until GPU_LONGER replaced it; 8.2 min on an H200 by train/run_on_gpu.sh):
 #   python -m train --plan gpu_long --warm-start <gpu_continued export> --workdir runs/gpu_long
 GPU_LONG = gpu_restart("gpu_long", "gpu_continued", steps=16000, seed=7)
 
-# The next step for a lent GPU (not run yet): GPU_LONG's export, i.e. the shipped asset, for another 16000 x 256
-# (~6.7 min of training, ~8.5 min for train/run_on_gpu.sh in all; that script's default plan and source):
-#   bash train/run_on_gpu.sh OUTDIR
+# GPU_LONG's export continued for another 16000 x 256; the shipped weights (54000 UNet steps, 9.8M samples in
+# all; 9.1 min on an H200 by train/run_on_gpu.sh, RESULTS.md has the record):
+#   PLAN=gpu_longer SRC=<gpu_long export> bash train/run_on_gpu.sh OUTDIR
 GPU_LONGER = gpu_restart("gpu_longer", "gpu_long", steps=16000, seed=8)
+
+# The next step for a lent GPU (not run): GPU_LONGER's export, i.e. the shipped asset, for 14000 x 256 more
+# (fewer steps than GPU_LONGER: its 16000 took 9.1 of the device call's 10 minutes; that script's default plan
+# and source):
+#   bash train/run_on_gpu.sh OUTDIR
+GPU_LONGEST = gpu_restart("gpu_longest", "gpu_longer", steps=14000, seed=9)
 
 # For a machine with an accelerator, from scratch: the same models and data, 4x the batch and 3x the UNet
 # steps (12x the samples seen). Not run in this project: the lent GPU time went to continuing the CPU-trained
@@ -203,5 +209,6 @@ SMOKE_PLAN = Plan(
 
 PLANS = {"cpu": CPU_PLAN, "cpu_continued": CPU_CONTINUED, "cpu_long": CPU_LONG, "cpu_longer": CPU_LONGER,
          "gpu": GPU_PLAN, "gpu_continued": GPU_CONTINUED, "gpu_long": GPU_LONG, "gpu_longer": GPU_LONGER,
+         "gpu_longest": GPU_LONGEST,
          "smoke": SMOKE_PLAN,
          "smoke_continued": dataclasses.replace(SMOKE_PLAN, name="smoke_continued", warm_start="smoke")}

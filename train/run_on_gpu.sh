@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A warm-start plan (default gpu_longer, train/config.py) on one lent GPU, from the shipped model, in one
+# A warm-start plan (default gpu_longest, train/config.py) on one lent GPU, from the shipped model, in one
 # command that fits the device tool's 10-minute call: train, export, pack the export for the trip back.
 #
 #   bash train/run_on_gpu.sh OUTDIR               (OUTDIR: where train.log and export.tar.* go)
@@ -12,7 +12,7 @@
 # machine: python -m train.export_shapesworld --choose-scheduler-of DEST/export (the judge's sampler choice).
 set -euo pipefail
 out=$(realpath "${1:?usage: run_on_gpu.sh OUTDIR}")
-plan=${PLAN:-gpu_longer}     # the plan that continues the shipped asset (gpu_long's export)
+plan=${PLAN:-gpu_longest}    # the plan that continues the shipped asset (gpu_longer's export)
 src=${SRC:-jaxdiff/assets/shapesworld}
 py=${PYTHON:-python3}
 work=$(mktemp -d)
