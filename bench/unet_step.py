@@ -11,7 +11,8 @@ Per (config, batch) the orchestrator:
    records the load before and after every measurement;
 3. runs the JAX child twice with a fresh persistent compilation cache (``jax_compilation_cache_dir``, min
    compile time 0): the first compile is cold, the second is served from the cache; both time the steps;
-4. runs the PyTorch child (fp32, ``torch.set_num_threads(cores)``, ``inference_mode``) and the Flax peer;
+4. runs the PyTorch child (``inference_mode``; on a CUDA GPU in ``--dtype``, else fp32 on the CPU with
+   ``torch.set_num_threads(cores)``) and the Flax peer;
 5. prints one table row per framework: median step time after warm-up (``block_until_ready``), achieved
    FLOP/s from the analytic count (:mod:`jaxdiff.flops`), MFU on GPUs, compile times, peak RSS while loading
    and while compiling+running (``VmHWM``, reset in between; device ``peak_bytes_in_use`` on GPU), the ratio
@@ -158,35 +159,51 @@ def run_jax_child(folder: Path, batch: int, dtype: str, repeats: int, warmup: in
 
 
 def run_torch_child(folder: Path, batch: int, repeats: int, warmup: int, save_output: str | None,
-                    threads: int | None = None) -> dict:
-    """diffusers' UNet2DConditionModel, fp32 CPU, torch threads = cores (or ``threads``), inference_mode."""
+                    threads: int | None = None, dtype: str = "float32") -> dict:
+    """diffusers' UNet2DConditionModel in ``inference_mode``: on a CUDA GPU when torch sees one (in ``dtype``,
+    diffusers' default SDPA attention, ``cuda.synchronize`` inside every timed call), else fp32 on the CPU with
+    torch threads = cores (or ``threads``)."""
     import numpy as np
     import torch
     from diffusers import UNet2DConditionModel
 
+    cuda = torch.cuda.is_available()
+    dt = getattr(torch, dtype) if cuda else torch.float32
+    dev = torch.device("cuda" if cuda else "cpu")
     torch.set_num_threads(threads or os.cpu_count())
     t0 = time.perf_counter()
-    model = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+    model = UNet2DConditionModel.from_pretrained(folder / "unet").eval().to(dev, dt)
     load_s = time.perf_counter() - t0
     peak_load = measure.peak_rss_bytes()
     measure.reset_peak_rss()
     rss_before_run = measure.rss_bytes()
-    raw = {k: torch.from_numpy(v) for k, v in unet_inputs(dict(model.config), batch).items()}
+    raw = {k: torch.from_numpy(v).to(dev) for k, v in unet_inputs(dict(model.config), batch).items()}
+    for k in ("sample", "context", "text_embeds"):
+        if k in raw:
+            raw[k] = raw[k].to(dt)
     added = {k: raw[k] for k in ("text_embeds", "time_ids")} if "time_ids" in raw else None
 
     def step():
-        return model(raw["sample"], raw["timestep"], raw["context"], added_cond_kwargs=added).sample
+        out = model(raw["sample"], raw["timestep"], raw["context"], added_cond_kwargs=added).sample
+        if cuda:
+            torch.cuda.synchronize()
+        return out
 
     with torch.inference_mode():
         times = measure.time_calls(step, repeats, warmup)
-        out = step().numpy()
+        out = step().float().cpu().numpy()
     if save_output:
         np.save(save_output, out)
-    return {"framework": "diffusers-torch", "backend": "cpu", "device": measure.cpu_model(), "dtype": "float32",
-            "batch": batch, "load_s": load_s, "threads": torch.get_num_threads(),
-            "attn_processor": type(next(iter(model.attn_processors.values()))).__name__,
-            "peak_rss_load": peak_load, "rss_before_run": rss_before_run, "peak_rss_run": measure.peak_rss_bytes(),
-            **measure.summarize(times)}
+    device = torch.cuda.get_device_name() if cuda else measure.cpu_model()
+    res = {"framework": "diffusers-torch", "backend": "gpu" if cuda else "cpu", "device": device,
+           "dtype": str(dt).removeprefix("torch."), "batch": batch, "load_s": load_s,
+           "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "attn_processor": type(next(iter(model.attn_processors.values()))).__name__,
+           "peak_rss_load": peak_load, "rss_before_run": rss_before_run, "peak_rss_run": measure.peak_rss_bytes(),
+           **measure.summarize(times)}
+    if cuda:
+        res["device_peak_bytes"] = torch.cuda.max_memory_allocated()
+    return res
 
 
 # ------------------------------------------------------------------------------------------ orchestration
@@ -221,7 +238,8 @@ def bench_one(name: str, batch: int, args, workdir: Path, log) -> list[dict]:
     if "torch" in args.frameworks:
         threads = ["--torch-threads", str(args.torch_threads)] if args.torch_threads else []
         rows.append({"framework": "diffusers-torch", **_measure(
-            [py, "-m", "bench.unet_step", "--child", "torch", "--save-output", outs["torch"], *threads, *base],
+            [py, "-m", "bench.unet_step", "--child", "torch", "--dtype", args.dtype, "--save-output", outs["torch"],
+             *threads, *base],
             *wait, log)})
     if "flax" in args.frameworks:
         flax_py = measure.python_for(str(FLAX_VENV))
@@ -329,7 +347,7 @@ def main(argv=None) -> int:
         return 0
     if args.child == "torch":
         measure.emit_result(run_torch_child(Path(args.weights), args.batch[0], args.repeats, args.warmup,
-                                            args.save_output, args.torch_threads))
+                                            args.save_output, args.torch_threads, args.dtype))
         return 0
 
     def log(msg):
