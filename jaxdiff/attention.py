@@ -8,7 +8,9 @@ Numerics: logits ``q.k^T / sqrt(d)`` and the softmax are always computed in floa
 / ``upcast_softmax`` of diffusers and SD2's ``_ATTN_PRECISION="fp32"``; required for SD2.x in half precision,
 harmless otherwise); the weighted sum of values runs in the value dtype.
 
-Fast path per backend: on GPU, ``jax.nn.dot_product_attention`` (cuDNN flash where available). On CPU the
+Fast path per backend: on GPU, ``jax.nn.dot_product_attention`` with its default implementation, which in
+jax 0.10 is XLA's unfused attention (cuDNN's fused kernel is only used when asked for by name; not done here
+yet, untested on a GPU: BENCHMARKS.md, SD1.5 UNet step on one H200). On CPU the
 explicit einsum + softmax (~1.7x faster than ``dot_product_attention``'s XLA fallback there), with two
 changes that matter for SD1.5's 64x64 self-attention (4096 x 4096 logits, 512 MiB per layer in float32):
 heads are moved before tokens so both products are plain batched matmuls, and large logits are computed in
