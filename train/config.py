@@ -163,7 +163,7 @@ CPU_LONGER = warm_restart(CPU_PLAN, "cpu_longer", "cpu_long", steps=20000, seed=
 GPU_CONTINUED = gpu_restart("gpu_continued", "cpu_long", steps=4000, seed=6, save_every=1000, log_every=100)
 
 # GPU_CONTINUED continued on the GPU for 4x as long (16000 steps x 256 = 4.1M samples), from its export (shipped
-# from session 4 until GPU_LONGER replaced it; 8.2 min on an H200 by train/run_on_gpu.sh):
+# until GPU_LONGER replaced it; 8.2 min on an H200 by train/run_on_gpu.sh):
 #   python -m train --plan gpu_long --warm-start <gpu_continued export> --workdir runs/gpu_long
 GPU_LONG = gpu_restart("gpu_long", "gpu_continued", steps=16000, seed=7)
 
@@ -180,8 +180,8 @@ GPU_LONGEST = gpu_restart("gpu_longest", "gpu_longer", steps=14000, seed=9)
 
 # For a machine with an accelerator, from scratch: the same models and data, 4x the batch and 3x the UNet
 # steps (12x the samples seen). Not run in this project: the lent GPU time went to continuing the CPU-trained
-# model instead (GPU_CONTINUED, GPU_LONG). Resume refuses to mix plans (the checkpoint fingerprint includes the
-# loop config).
+# model instead (GPU_CONTINUED, GPU_LONG, GPU_LONGER). Resume refuses to mix plans (the checkpoint fingerprint
+# includes the loop config).
 GPU_PLAN = Plan(
     name="gpu",
     vae=VAETraining(LoopConfig(steps=6000, batch=64, lr=1e-3, seed=1), object_weight=5.0),
