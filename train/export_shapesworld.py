@@ -110,8 +110,6 @@ def write_folder(model: StableDiffusionModel, dst: str | Path, provenance: dict,
     return dst
 
 
-
-
 def export(plan: Plan, workdir: str | Path, dst: str | Path, *, scheduler: str = "auto", dtype=np.float32,
            n_captions: int = 48, seeds: tuple[int, ...] = (0,), steps: int = 30, log=print) -> Path:
     """Write the diffusers folder atomically into ``dst`` (see module doc); returns ``dst``."""

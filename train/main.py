@@ -131,7 +131,7 @@ def run_pipeline(plan: Plan, workdir: str | Path, export_to: str | Path | None, 
     if init_tag is not None:
         (workdir / "warm_start.json").write_text(json.dumps({"plan": plan.warm_start, "from": init_tag}, indent=2))
         print(f"[train] warm start from {init_tag}", flush=True)
-    if (workdir / vae_stage.EXPORTED).is_dir():
+    if vae_stage.exported_vae(workdir) is not None:
         print(f"[vae] the warm-start export's VAE ({vae_stage.EXPORTED}/)", flush=True)
     else:
         vae_stage.train(plan, workdir, mesh=resolve_mesh(mesh, plan.vae.loop.batch))

@@ -70,11 +70,17 @@ def train(plan: Plan, workdir: str | Path, *, mesh=None, stop_after: int | None 
 EXPORTED = "vae_exported"
 
 
+def exported_vae(workdir: str | Path) -> Path | None:
+    """The warm-start export's VAE folder in ``workdir`` when there is one (this stage is then not trained)."""
+    folder = Path(workdir) / EXPORTED
+    return folder if folder.is_dir() else None
+
+
 def trained_params(plan: Plan, workdir: str | Path) -> dict:
     """EMA params of the finished VAE stage (or the VAE of the export a warm start began from)."""
-    if (Path(workdir) / EXPORTED).is_dir():
+    if (folder := exported_vae(workdir)) is not None:
         from weights_convert.components import load_component
-        return load_component(Path(workdir) / EXPORTED, "vae")[1]
+        return load_component(folder, "vae")[1]
     template = {"vae": param_template("vae", vae_config(plan))}
     return loop.trained_ema("vae", Path(workdir) / "vae", template, plan.vae.loop)["vae"]
 
