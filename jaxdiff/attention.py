@@ -80,22 +80,24 @@ def _fast_attention(q_BTHD: Array, k_BSHD: Array, v_BSHD: Array, mask_BHTS: Arra
     return out_MHCD.reshape(b, n, h, block, -1).transpose(0, 1, 3, 2, 4).reshape(b, t, h, v_BSHD.shape[-1])
 
 
-def _attention_core(q_BHTD, k_BHSD, v_BHSD, mask_BHTS, edit: AttnEdit | None):
-    """Returns (out (B, H, T, D), probs (B, H, T, S) float32 after edits)."""
+def _attention_core(q_BHTD, k_BHSD, v_BHSD, mask_BHTS, edits: tuple[AttnEdit, ...] | None):
+    """Returns (out (B, H, T, D), probs (B, H, T, S) float32 after edits). Several edits of one site apply in
+    order within each stage: every logit edit, the softmax, every probability edit, every value scale."""
+    edits = edits or ()
     scale = q_BHTD.shape[-1] ** -0.5
     logits = jnp.einsum("bhtd,bhsd->bhts", q_BHTD.astype(jnp.float32), k_BHSD.astype(jnp.float32)) * scale
     if mask_BHTS is not None:
         logits = jnp.where(mask_BHTS, logits, -jnp.inf)
-    if edit is not None:
+    for edit in edits:
         logits = _edit_logits(logits, edit)
     probs = jax.nn.softmax(logits, axis=-1)
-    if edit is not None:
+    for edit in edits:
         probs = _edit_probs(probs, edit)
         v_BHSD = _to_bhtd(_edit_values(_to_bhtd(v_BHSD), edit))
     return jnp.einsum("bhts,bhsd->bhtd", probs.astype(v_BHSD.dtype), v_BHSD), probs
 
 
-def _explicit_attention(q_BTHD, k_BSHD, v_BSHD, mask_BHTS, edit: AttnEdit | None):
+def _explicit_attention(q_BTHD, k_BSHD, v_BSHD, mask_BHTS, edit: tuple[AttnEdit, ...] | None):
     """Returns (out (B, T, H, D), probs (B, H, T, S) float32 after edits)."""
     out_BHTD, probs = _attention_core(_to_bhtd(q_BTHD), _to_bhtd(k_BSHD), _to_bhtd(v_BSHD), mask_BHTS, edit)
     return _to_bhtd(out_BHTD), probs
@@ -146,7 +148,7 @@ def _edit_values(v_BSHD: Array, edit: AttnEdit) -> Array:
 
 
 def attend(q: Array, k: Array, v: Array, heads: int, *, site: AttnSite | None = None,
-           edit: AttnEdit | None = None, capture: CaptureMode | None = None,
+           edit: AttnEdit | tuple[AttnEdit, ...] | None = None, capture: CaptureMode | None = None,
            causal: bool = False, key_mask: Array | None = None) -> tuple[Array, Array | None]:
     """Scaled dot-product attention over projected inputs, with optional edit and capture.
 
@@ -154,7 +156,7 @@ def attend(q: Array, k: Array, v: Array, heads: int, *, site: AttnSite | None = 
       q: (B, T, heads*D) queries; k, v: (B, S, heads*D) keys and values (already projected).
       heads: number of heads.
       site: the layer's address (for error messages; edits/captures are looked up by the caller).
-      edit: an :class:`AttnEdit` or None.
+      edit: an :class:`AttnEdit`, a tuple of them (applied in order), or None.
       capture: None, ``"heads"`` (return (B, heads, T, S) probs) or ``"mean"`` (return (B, T, S)).
       causal: causal mask (CLIP text encoder).
       key_mask: optional (B, S) bool, False keys are ignored.
@@ -174,7 +176,8 @@ def attend(q: Array, k: Array, v: Array, heads: int, *, site: AttnSite | None = 
     if edit is None and capture is None:
         out = _fast_attention(q_, k_, v_, mask)
         return out.reshape(b, t, -1), None
-    out, probs = _explicit_attention(q_, k_, v_, mask, edit)
+    edits = None if edit is None else edit if isinstance(edit, tuple) else (edit,)
+    out, probs = _explicit_attention(q_, k_, v_, mask, edits)
     captured = None
     if capture == "heads":
         captured = probs

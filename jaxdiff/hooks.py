@@ -13,10 +13,15 @@ attention layer) and the mid-block seam of :func:`jaxdiff.unet.apply_unet` (h-sp
 
 Row layout: edits carry an optional ``rows`` mask of shape (B,) so a classifier-free-guidance batch laid out
 ``[uncond, cond]`` can edit only its conditional rows.
+
+Composition: ``UNetEdits.hspace`` may hold several h-space edits and each site of ``UNetEdits.attn`` several
+attention edits (tuples), applied in order; :func:`merge_edits` concatenates the edits of several methods, so
+two methods touching h or one site compose without hand-merging.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping
 
@@ -107,14 +112,28 @@ class HSpaceEdit:
     row's timestep; rows where ``rows`` is False keep the original ``h``. ``fn`` is static (part of the
     treedef, so use a module-level function, not a fresh lambda per call); ``params`` are traced leaves. With
     ``per_row_params=True`` every leaf of ``params`` has a leading batch axis and row ``i`` gets slice ``i``.
+    With ``per_step_params=True`` every leaf has a leading *step* axis (one entry per schedule step, before any
+    batch axis): a sampling run's :class:`~jaxdiff.steering.Steering` hands the UNet slice ``i`` at step ``i``
+    (:meth:`at_step`), e.g. LWIM's re-injection of the reference run's h of that very step.
     """
 
     fn: Callable[[Array, Array, Any], Array] = static_field()
     params: Any = None
     rows: Array | None = None
     per_row_params: bool = static_field(default=False)
+    per_step_params: bool = static_field(default=False)
+
+    def at_step(self, i: Array) -> "HSpaceEdit":
+        """This edit with per-step params sliced at step ``i`` (traced); unchanged if not ``per_step_params``."""
+        if not self.per_step_params:
+            return self
+        params = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), self.params)
+        return dataclasses.replace(self, params=params, per_step_params=False)
 
     def apply(self, h: Array, t: Array) -> Array:
+        if self.per_step_params:
+            raise ValueError("a per-step h-space edit must be sliced to its step (HSpaceEdit.at_step) before use; "
+                             "sampling with a Steering does that")
         b = h.shape[0]
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
         in_axes = (0, 0, 0 if self.per_row_params else None)
@@ -160,13 +179,54 @@ def replace_h(h_new: Array, rows: Array | None = None, per_row: bool = False) ->
 @pytree_dataclass
 @dataclass(frozen=True)
 class UNetEdits:
-    """All edits of one UNet call: an optional h-space edit and a mapping site -> :class:`AttnEdit`."""
+    """All edits of one UNet call: h-space edit(s) and a mapping site -> attention edit(s).
 
-    hspace: HSpaceEdit | None = None
-    attn: Mapping[AttnSite, AttnEdit] = field(default_factory=dict)
+    ``hspace`` is None, one :class:`HSpaceEdit` or a tuple of them, applied in order at the mid-block seam;
+    each ``attn`` value is one :class:`AttnEdit` or a tuple of them, applied in order at that site (all logit
+    edits in order, the softmax, then all probability edits in order, and value scales)."""
+
+    hspace: HSpaceEdit | tuple[HSpaceEdit, ...] | None = None
+    attn: Mapping[AttnSite, AttnEdit | tuple[AttnEdit, ...]] = field(default_factory=dict)
+
+    @property
+    def hspace_edits(self) -> tuple[HSpaceEdit, ...]:
+        """The h-space edits in order (empty tuple if none)."""
+        return as_tuple(self.hspace)
+
+    def attn_edits(self, site: AttnSite) -> tuple[AttnEdit, ...]:
+        """The edits of ``site`` in order (empty tuple if none)."""
+        return as_tuple(self.attn.get(site))
+
+    def map_hspace(self, f: Callable[[HSpaceEdit], HSpaceEdit]) -> "UNetEdits":
+        """These edits with ``f`` applied to every h-space edit (e.g. slicing per-step params)."""
+        if self.hspace is None:
+            return self
+        new = tuple(f(e) for e in self.hspace_edits)
+        return UNetEdits(hspace=new[0] if len(new) == 1 else new, attn=self.attn)
+
+
+def as_tuple(x) -> tuple:
+    """None -> (), a tuple -> itself, anything else -> (x,)."""
+    if x is None:
+        return ()
+    return x if isinstance(x, tuple) else (x,)
 
 
 NO_EDITS = UNetEdits()
+
+
+def merge_edits(*edits: UNetEdits) -> UNetEdits:
+    """One :class:`UNetEdits` applying every given one's edits, in argument order (h-space edits one after the
+    other; at a site named by several, their attention edits one after the other). Merging with
+    :data:`NO_EDITS` returns the other edits unchanged."""
+    hspace: tuple = ()
+    attn: dict = {}
+    for e in edits:
+        hspace += e.hspace_edits
+        for site in e.attn:
+            attn[site] = attn.get(site, ()) + e.attn_edits(site)
+    hs = None if not hspace else hspace[0] if len(hspace) == 1 else hspace
+    return UNetEdits(hspace=hs, attn={s: v[0] if len(v) == 1 else v for s, v in attn.items()})
 
 CaptureMode = Literal["heads", "mean"]
 

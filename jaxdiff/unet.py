@@ -300,8 +300,8 @@ def apply_unet(params: Params, latents: Array, t: Array, text_ctx: Array, *, con
     x, m = mid_block(params["mid_block"], x, temb, ctx, config.mid_spec(), hooks)
     maps.update(m)
     h = x if capture.hspace else None   # the h-space seam (Kwon et al. 2023): capture, then edit
-    if edits.hspace is not None:
-        x = edits.hspace.apply(x, t)
+    for edit in edits.hspace_edits:     # several methods' h edits compose in order
+        x = edit.apply(x, t)
 
     for spec in config.up_specs():
         mine, skips = skips[-spec.num_layers:], skips[:-spec.num_layers]

@@ -53,7 +53,7 @@ def init_attention(mk, dim: int, ctx_dim: int) -> Params:
 def attention(p: Params, x: Array, ctx: Array, heads: int, site: AttnSite, hooks: Hooks) -> tuple[Array, Maps]:
     """Project, attend through the choke point (with this site's edit/capture), project out."""
     out, probs = attend(nn.dense(p["to_q"], x), nn.dense(p["to_k"], ctx), nn.dense(p["to_v"], ctx), heads,
-                        site=site, edit=hooks.edits.attn.get(site), capture=hooks.capture.mode(site))
+                        site=site, edit=hooks.edits.attn_edits(site) or None, capture=hooks.capture.mode(site))
     return nn.dense(p["to_out_0"], out), ({} if probs is None else {site: probs})
 
 

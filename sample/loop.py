@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from jaxdiff.hooks import NO_CAPTURE, AttnSite, CaptureMode, CaptureSpec, UNetEdits
 from jaxdiff.schedulers import Schedule, init_state, scale_model_input, step
-from sample.steering import Steering
+from jaxdiff.steering import HOOK_KEY_SALT, Steering, StepContext, run_post_hooks, run_pre_hooks
 
 Array = jax.Array
 Denoiser = Callable[[Array, Array, UNetEdits, CaptureSpec], tuple[Array, dict]]
@@ -146,28 +146,32 @@ def _report(progress: Callable[[int, int], None], total: int, done) -> None:
 
 
 def denoise_step(model: Denoiser, schedule: Schedule, *, rows: int, guided: bool, guidance: Array, key: Array,
-                 steering: Steering = Steering(), capture: StepCaptureSpec = NO_STEP_CAPTURE):
+                 steering: Steering = Steering(), capture: StepCaptureSpec = NO_STEP_CAPTURE,
+                 cond_model: Denoiser | None = None, cond=None):
     """The loop body ``body((x, state, acc), i) -> ((x, state, acc), ys)`` of :func:`denoise` and a function
     ``init(latents, start)`` giving its first carry (``rows``: UNet batch, 2B when ``guided``).
 
-    One step: edits of step ``i`` (``steering.edits_at``), UNet input scaled by ``scale_model_input``, guided
-    model output, ``step`` (stochastic kinds draw from ``fold_in(key, i)``), then ``steering.hook``; the step's
-    captures go to the reduction (``acc``) or out as ``ys`` for ``"stack"``."""
+    One step: edits of step ``i`` (``steering.edits_at``), the pre-step hooks (they see a
+    :class:`~jaxdiff.steering.StepContext` with ``model``, ``cond_model`` and ``cond``), UNet input scaled by
+    ``scale_model_input``, guided model output, ``step`` (stochastic kinds draw from ``fold_in(key, i)``), then
+    the post-step hooks; the step's captures go to the reduction (``acc``) or out as ``ys`` for ``"stack"``."""
     key = jnp.asarray(key)
+    if cond_model is None and not guided:
+        cond_model = model
 
     def one_step(x, state, i):
         t = schedule.timesteps[i]
+        step_key = jax.random.fold_in(key, i)
         edits = steering.edits_at(i, t, rows)
+        ctx = StepContext(i=i, t=t, schedule=schedule, key=jax.random.fold_in(step_key, HOOK_KEY_SALT), cond=cond,
+                          model=model, cond_model=cond_model, edits=edits, guided=guided, guidance=guidance)
+        x = run_pre_hooks(steering, x, ctx)
         out, aux = guided_prediction(model, scale_model_input(schedule, x, i), t, guided=guided, guidance=guidance,
                                      edits=edits, capture=capture.unet)
         caps = select_captures(aux, capture, guided)
-        x, state = step(schedule, state, i, out, x, key=jax.random.fold_in(key, i))
-        if steering.hook is not None:
-            new = steering.hook(x, i, caps, steering.hook_params)
-            if jnp.shape(new) != x.shape:
-                raise ValueError(f"latent hook returned shape {jnp.shape(new)}, expected {x.shape}")
-            x = jnp.asarray(new).astype(x.dtype)
-        return x, state, caps
+        x_new, state = step(schedule, state, i, out, x, key=step_key)
+        x_new = run_post_hooks(steering, x, x_new, caps, ctx)
+        return x_new, state, caps
 
     def init(latents: Array, start: int) -> tuple:
         latents = jnp.asarray(latents, jnp.float32)
@@ -199,7 +203,8 @@ def check_start(start: int, n: int) -> None:
 
 def denoise(model: Denoiser, schedule: Schedule, latents: Array, *, guided: bool, guidance: Array, key: Array,
             start: int = 0, steering: Steering = Steering(), capture: StepCaptureSpec = NO_STEP_CAPTURE,
-            progress: Callable[[int, int], None] | None = None) -> tuple[Array, dict]:
+            progress: Callable[[int, int], None] | None = None, cond_model: Denoiser | None = None,
+            cond=None) -> tuple[Array, dict]:
     """Run scheduler steps ``start .. len(schedule) - 1`` from ``latents`` (B, h, w, C) in one ``lax.scan`` of
     :func:`denoise_step`. The latent carry stays float32 whatever the UNet dtype (the schedulers compute in
     float32).
@@ -208,6 +213,8 @@ def denoise(model: Denoiser, schedule: Schedule, latents: Array, *, guided: bool
       model: denoiser ``(x (R, h, w, C), t, edits, capture) -> (output, aux)`` with R = 2B when ``guided``.
       guidance: traced scalar guidance scale (used only when ``guided``).
       start: first step index (static; img2img starts mid-schedule with a fresh scheduler state, as diffusers).
+      cond_model, cond: the conditional-rows denoiser and the conditioning, handed to hooks in their
+        :class:`~jaxdiff.steering.StepContext` (``sample.pipeline`` supplies both).
       progress: called as ``progress(done, total)`` once per step from inside the compiled loop
         (``jax.debug.callback``: no effect on the computation); static, so reuse one callable. A program with
         a host callback is never written to JAX's persistent compilation cache; :func:`sample.pipeline.generate`
@@ -220,7 +227,8 @@ def denoise(model: Denoiser, schedule: Schedule, latents: Array, *, guided: bool
     n = len(schedule)
     check_start(start, n)
     body, init = denoise_step(model, schedule, rows=latents.shape[0] * (2 if guided else 1), guided=guided,
-                              guidance=guidance, key=key, steering=steering, capture=capture)
+                              guidance=guidance, key=key, steering=steering, capture=capture,
+                              cond_model=cond_model, cond=cond)
 
     def observed(carry, i):
         carry, ys = body(carry, i)

@@ -52,6 +52,15 @@ def unet_denoiser(unet_params: dict, config: UNetConfig, cond: Conditioning) -> 
     return model
 
 
+def cond_denoiser(unet_params: dict, config: UNetConfig, cond: Conditioning) -> Denoiser:
+    """:func:`unet_denoiser` over the conditional rows only (the second half of a guided conditioning)."""
+    if cond.guided:
+        half = lambda a: a[a.shape[0] // 2:]   # noqa: E731
+        cond = Conditioning(context=half(cond.context), guided=False,
+                            added_cond=None if cond.added_cond is None else jax.tree.map(half, cond.added_cond))
+    return unet_denoiser(unet_params, config, cond)
+
+
 def image_latents(vae_params: dict, images: Array, config: VAEConfig, noise: Array | None = None) -> Array:
     """Images in [-1, 1] (B, H, W, 3) -> scaled latents: a posterior sample ``mean + std * noise`` with the given
     standard-normal ``noise`` (diffusers' img2img ``latent_dist.sample``), or the posterior mean if None

@@ -30,7 +30,7 @@ from jaxdiff.unet import UNetConfig
 from jaxdiff.vae import VAEConfig, images_to_unit
 from sample.loop import (NO_STEP_CAPTURE, StepCaptureSpec, as_step_capture, denoise, denoise_step,
                          reduced_captures)
-from sample.model_fns import cast_params, image_latents, latents_to_unit, unet_denoiser, unit_to_uint8
+from sample.model_fns import cast_params, cond_denoiser, image_latents, latents_to_unit, unet_denoiser, unit_to_uint8
 from sample.sharding import replicate, resolve_mesh, shard_batch
 from sample.spec import (SampleResult, SampleSpec, check_images, check_latents, img2img_start, latent_shape,
                          output_size, schedule_for)
@@ -91,7 +91,8 @@ def _loop_step(params: dict, cond: Conditioning, inputs: SampleInputs, schedule:
     """:func:`sample.loop.denoise_step` for this run's UNet, conditioning and options."""
     rows = inputs.noise.shape[0] * (2 if cond.guided else 1)
     return denoise_step(unet_denoiser(params["unet"], plan.unet, cond), schedule, rows=rows, guided=cond.guided,
-                        guidance=inputs.guidance, key=inputs.key, steering=steering, capture=plan.capture)
+                        guidance=inputs.guidance, key=inputs.key, steering=steering, capture=plan.capture,
+                        cond_model=cond_denoiser(params["unet"], plan.unet, cond), cond=cond)
 
 
 def decode_to_uint8(params: dict, x: Array, plan: Plan) -> Array:
@@ -106,7 +107,8 @@ def _sample_program(params: dict, inputs: SampleInputs, schedule: Schedule, stee
     x = initial_latents(params, inputs, schedule, plan)
     x, aux = denoise(unet_denoiser(params["unet"], plan.unet, cond), schedule, x, guided=cond.guided,
                      guidance=inputs.guidance, key=inputs.key, start=plan.start, steering=steering,
-                     capture=plan.capture, progress=plan.progress)
+                     capture=plan.capture, progress=plan.progress,
+                     cond_model=cond_denoiser(params["unet"], plan.unet, cond), cond=cond)
     return {"images": decode_to_uint8(params, x, plan), "latents": x, "aux": aux}
 
 

@@ -17,7 +17,7 @@ from jaxdiff.schedulers import SchedulerConfig, make_schedule
 from sample.loop import StepCaptureSpec, denoise
 from sample.pipeline import generate
 from sample.spec import SampleSpec
-from sample.steering import Steering
+from sample.steering import Steering, StepHook
 from tests.conftest import max_abs
 from tests.test_sample_fixture import NEGATIVES, PROMPTS, tiny_sd  # noqa: F401 - fixture
 
@@ -96,8 +96,8 @@ def count_progress(done, total):
     CALLS.append((done, total))
 
 
-def identity_hook(latents, i, captures, params):
-    return latents
+def identity_hook(x_in, x_out, captures, ctx, params):
+    return x_out
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def e2e(tiny_sd):
 
     CALLS.clear()
     observed = run(capture=StepCaptureSpec.of(SITES, "mean", hspace=True), progress=count_progress,
-                   edits=Steering(hook=identity_hook, hook_params={"unused": jnp.zeros(3)}))
+                   edits=Steering(post=(StepHook(identity_hook, {"unused": jnp.zeros(3)}),)))
     return {"plain": run(), "stack": observed, "progress": list(CALLS),
             "sum": run(capture=StepCaptureSpec.of(SITES, "mean", hspace=True, reduce="sum")),
             "steps": run(capture=StepCaptureSpec.of(SITES, "heads", hspace=True, reduce="steps", steps=(0, 4, 9),

@@ -10,7 +10,7 @@ import numpy as np
 from jaxdiff.hooks import AttnEdit, AttnSite, UNetEdits, add_vector
 from sample.pipeline import generate, sample_program
 from sample.spec import SampleSpec
-from sample.steering import Steering
+from sample.steering import Steering, StepHook
 from tests.test_sample_fixture import tiny_sd  # noqa: F401 - fixture
 
 TRACES: list = []
@@ -23,8 +23,8 @@ def counted_edits(i, t, values) -> UNetEdits:
                      attn={SITE: AttnEdit(logit_bias=values["bias"])})
 
 
-def nudge(latents, i, captures, params):
-    return latents + params["shift"] * (i == params["at"])
+def nudge(x_in, x_out, captures, ctx, params):
+    return x_out + params["shift"] * (ctx.i == params["at"])
 
 
 def steering(scale: float, lo: int, hi: int, shift: float, seed: int) -> Steering:
@@ -32,7 +32,7 @@ def steering(scale: float, lo: int, hi: int, shift: float, seed: int) -> Steerin
     values = {"direction": jnp.asarray(rng.standard_normal(64), jnp.float32), "scale": jnp.float32(scale),
               "bias": jnp.asarray(rng.standard_normal((1, 1, 1, 77)), jnp.float32)}
     return Steering(edits=values, edit_fn=counted_edits, active=(np.arange(6) >= lo) & (np.arange(6) < hi),
-                    hook=nudge, hook_params={"shift": jnp.float32(shift), "at": jnp.int32(2)})
+                    post=(StepHook(nudge, {"shift": jnp.float32(shift), "at": jnp.int32(2)}),))
 
 
 def spec(guidance: float) -> SampleSpec:

@@ -17,7 +17,7 @@ from jaxdiff.unet import apply_unet
 from sample.loop import StepCaptureSpec, denoise
 from sample.pipeline import generate
 from sample.spec import SampleSpec, scheduler_config
-from sample.steering import Steering, as_steering
+from sample.steering import Steering, StepHook, as_steering, compose
 from sample.text import encode_prompts, guidance_rows, prompt_ids
 from tests.conftest import max_abs
 from tests.test_sample_captures import DDIM_CONFIG, SITE, fake_model
@@ -111,38 +111,111 @@ def test_steering_checks():
         Steering(active=np.ones(9, bool)).check(10)
 
 
-# ------------------------------------------------------------------------------------- the latent hook
-def _shift_by_h(latents, i, captures, params):
-    """Adds a per-step multiple of this step's captured h (the fake model's h has the latents' shape)."""
-    return latents + params["delta"][i] * captures["h"]
+# ------------------------------------------------------------------------------------- step hooks
+def _shift_by_h(x_in, x_out, captures, ctx, params):
+    """Post-step: adds a per-step multiple of this step's captured h (the fake model's h has the latents' shape)."""
+    return x_out + params["delta"][ctx.i] * captures["h"]
 
 
-def _gradient_step(latents, i, captures, params):
-    """Learn-to-Steer-shaped: one gradient step on a loss of the model's prediction at the next timestep."""
+def _gradient_step(x, ctx, params):
+    """Pre-step, Learn-to-Steer-shaped: one gradient step on a loss of the conditional model's prediction at the
+    timestep this step is about to denoise (``ctx.t``), through ``ctx.cond_model``."""
     def loss(z):
-        out, _ = fake_model(z, params["timesteps"][i], NO_EDITS, StepCaptureSpec().unet)
+        out, _ = ctx.cond_model(z, ctx.t, NO_EDITS, StepCaptureSpec().unet)
         return jnp.sum((out - params["target"]) ** 2)
-    return latents - params["lr"] * jax.grad(loss)(latents)
+    return x - params["lr"] * jax.grad(loss)(x)
 
 
-@pytest.mark.parametrize("hook", [_shift_by_h, _gradient_step])
-def test_hook_loop_level(hook):
+PARAMS = {"delta": jnp.linspace(0.1, 0.6, 6), "lr": jnp.float32(0.05), "target": jnp.full((2, 4, 4, 3), 0.2)}
+
+
+def _loop_reference(schedule, x, pre=None, post=None):
+    """The steered loop written out in Python: pre hook, guided model call, scheduler step, post hook."""
+    state = init_state(schedule, x)
+    for i in range(len(schedule)):
+        t = schedule.timesteps[i]
+        if pre is not None:
+            x = x - PARAMS["lr"] * jax.grad(lambda z: jnp.sum((fake_model(z, t, NO_EDITS, StepCaptureSpec().unet)[0]
+                                                               - PARAMS["target"]) ** 2))(x)
+        out, aux = fake_model(jnp.concatenate([x, x]), t, NO_EDITS, CAPTURE.unet)
+        u, c = jnp.split(out, 2)
+        x_new, state = step(schedule, state, i, u + 2.0 * (c - u), x)
+        x = x_new if post is None else x_new + PARAMS["delta"][i] * aux["h"][2:]
+    return x
+
+
+CAPTURE = StepCaptureSpec.of([SITE], hspace=True, reduce="none")
+
+
+def _run(schedule, x0, steering):
+    # fake_model ignores its conditioning, so it serves as its own conditional-rows denoiser
+    got, _ = jax.jit(lambda x: denoise(fake_model, schedule, x, guided=True, guidance=jnp.float32(2.0),
+                                       key=jax.random.PRNGKey(0), steering=steering, capture=CAPTURE,
+                                       cond_model=fake_model))(x0)
+    return np.asarray(got)
+
+
+@pytest.mark.parametrize("which", ["pre", "post", "both"])
+def test_hooks_loop_level(which):
     schedule = make_schedule(DDIM_CONFIG, 6)
     x0 = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 3))
-    params = {"delta": jnp.linspace(0.1, 0.6, 6), "timesteps": schedule.timesteps, "lr": jnp.float32(0.05),
-              "target": jnp.full((2, 4, 4, 3), 0.2)}
-    capture = StepCaptureSpec.of([SITE], hspace=True, reduce="none")
-    steering = Steering(hook=hook, hook_params=params)
-    got, _ = jax.jit(lambda x: denoise(fake_model, schedule, x, guided=True, guidance=jnp.float32(2.0),
-                                       key=jax.random.PRNGKey(0), steering=steering, capture=capture))(x0)
-    x, state = x0, init_state(schedule, x0)
-    for i in range(6):   # reference: the same loop in Python
-        t = schedule.timesteps[i]
-        out, aux = fake_model(jnp.concatenate([x, x]), t, NO_EDITS, capture.unet)
-        u, c = jnp.split(out, 2)
-        x, state = step(schedule, state, i, u + 2.0 * (c - u), x)
-        x = hook(x, i, {"attn": {}, "h": aux["h"][2:]}, params)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(x), rtol=1e-5, atol=1e-6)
-    plain, _ = jax.jit(lambda x: denoise(fake_model, schedule, x, guided=True, guidance=jnp.float32(2.0),
-                                         key=jax.random.PRNGKey(0)))(x0)
-    assert np.abs(np.asarray(got) - np.asarray(plain)).max() > 1e-3
+    pre = (StepHook(_gradient_step, PARAMS),) if which in ("pre", "both") else ()
+    post = (StepHook(_shift_by_h, PARAMS),) if which in ("post", "both") else ()
+    got = _run(schedule, x0, Steering(pre=pre, post=post))
+    ref = _loop_reference(schedule, x0, pre=pre or None, post=post or None)
+    np.testing.assert_allclose(got, np.asarray(ref), rtol=1e-5, atol=1e-6)
+    assert np.abs(got - _run(schedule, x0, Steering())).max() > 1e-3
+
+
+def _record_step(x, ctx, params):
+    """Pre-step hook adding the step index: the first step (0) must be seen too."""
+    return x + params["w"] * (ctx.i + 1).astype(x.dtype)
+
+
+def _times_two(x_in, x_out, captures, ctx, params):
+    return x_out * params["k"]
+
+
+def _plus_one(x_in, x_out, captures, ctx, params):
+    return x_out + params["k"]
+
+
+def test_hooks_of_composed_steerings_run_in_order():
+    schedule = make_schedule(DDIM_CONFIG, 6)
+    x0 = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 4, 3))
+    a = Steering(post=(StepHook(_times_two, {"k": jnp.float32(2.0)}),))
+    b = Steering(post=(StepHook(_plus_one, {"k": jnp.float32(1.0)}),))
+    ab, ba = _run(schedule, x0, compose(a, b)), _run(schedule, x0, compose(b, a))
+    both = _run(schedule, x0, Steering(post=a.post + b.post))
+    np.testing.assert_array_equal(ab, both)                 # compose == the hooks listed in that order
+    assert np.abs(ab - ba).max() > 1e-3                     # ... and the order matters
+    pre = Steering(pre=(StepHook(_record_step, {"w": jnp.float32(0.01)}),))
+    assert np.abs(_run(make_schedule(DDIM_CONFIG, 1), x0, pre) - _run(make_schedule(DDIM_CONFIG, 1), x0,
+                                                                         Steering())).max() > 1e-3
+
+
+def test_compose_with_empty_is_bitwise(runs):
+    model, x = runs["model"], runs["x"]
+    spec = SampleSpec(steps=STEPS, guidance=GUIDANCE, scheduler="ddim")
+    got = generate(model, PROMPTS, spec=spec, negative_prompts=NEGATIVES, init_latents=x,
+                   edits=compose(Steering(), Steering(edits=runs["edits"], active=active(*ON)), None)).latents
+    np.testing.assert_array_equal(got, runs["range"])
+
+
+def test_two_hspace_edits_compose_to_their_sum(runs):
+    """Two h-space vectors on the same rows, composed, equal one edit with the summed vector (to float32
+    rounding: h + a + b vs h + (a + b)); two attention edits of one site compose as applied in order."""
+    model, x = runs["model"], runs["x"]
+    spec = SampleSpec(steps=STEPS, guidance=GUIDANCE, scheduler="ddim")
+    rng = np.random.default_rng(3)
+    a, b = (jnp.asarray(rng.standard_normal(64), jnp.float32) for _ in range(2))
+    rows = guidance_rows(2)
+
+    def run(edits):
+        return generate(model, PROMPTS, spec=spec, negative_prompts=NEGATIVES, init_latents=x, edits=edits).latents
+    two = run(compose(UNetEdits(hspace=add_vector(a, 1.5, rows)), UNetEdits(hspace=add_vector(b, 1.5, rows))))
+    one = run(UNetEdits(hspace=add_vector(a + b, 1.5, rows)))
+    assert max_abs(two, one, "composed h edits vs summed vector") <= LOOP_TOL   # 10 guided steps amplify rounding
+    w1, w2 = jnp.ones((4, 77)).at[:, 2].set(2.0), jnp.ones((4, 77)).at[:, 2].set(0.5)
+    pair = run(compose(UNetEdits(attn={CROSS: AttnEdit(prob_scale=w1)}), UNetEdits(attn={CROSS: AttnEdit(prob_scale=w2)})))
+    assert max_abs(pair, runs["plain"], "scale x2 then x0.5 = identity") <= LOOP_TOL
