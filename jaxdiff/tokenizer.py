@@ -6,6 +6,8 @@ Imports no torch.
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,9 @@ def load_tokenizer(folder, model_max_length: int = 77):
     if not has_bpe and not (folder / "tokenizer.json").is_file():
         raise TokenizerError(f"tokenizer folder {str(folder)!r} has no vocabulary "
                              "(needs vocab.json + merges.txt, or tokenizer.json)")
+    # transformers announces "PyTorch was not found" at import (an advisory warning): noise to a JAX user, who
+    # only needs its tokenizer. A caller's own setting of the variable wins.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from transformers import CLIPTokenizer
 
     try:

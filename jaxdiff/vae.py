@@ -230,12 +230,12 @@ def decode_latents(params: Params, latents: Array, *, config: VAEConfig) -> Arra
 
 
 # --------------------------------------------------------------------------------------- image helpers
-def images_to_unit(images) -> Array:
+def uint8_to_signed(images) -> Array:
     """uint8 (..., H, W, C) in [0, 255] -> float32 in [-1, 1] (``x / 127.5 - 1``, VaeImageProcessor)."""
     return jnp.asarray(images, jnp.float32) / 127.5 - 1.0
 
 
-def unit_to_uint8(x) -> np.ndarray:
+def signed_to_uint8(x) -> np.ndarray:
     """[-1, 1] -> uint8 like diffusers' postprocess: ``(x/2 + 0.5).clamp(0, 1) * 255`` then round."""
     y = jnp.clip(jnp.asarray(x, jnp.float32) / 2 + 0.5, 0.0, 1.0) * 255.0
     return np.asarray(jnp.round(y)).astype(np.uint8)

@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 
 SETTINGS = ("model", "prompts", "negative_prompt", "scheduler", "steps", "guidance", "eta", "seed", "num_images",
-            "height", "width", "dtype", "init_image", "strength", "init_latents", "heatmap")
+            "height", "width", "dtype", "init_image", "strength", "init_latents", "heatmap", "concepts", "concept",
+            "fair", "concept_scale", "concept_rows", "lowpass", "lowpass_row")
+SMALL_VOCABULARY = 10000   # a caption-language vocabulary (the embedded model's), where an unknown word is a typo
 
 
 class CLIError(ValueError):
@@ -131,6 +133,42 @@ def write_heatmaps(out: Path, tok, result, prompts_per_image: list[str], word: s
     return files
 
 
+def out_of_vocabulary(tok, prompt: str) -> list[str]:
+    """Words of ``prompt`` that a small caption-language vocabulary has no whole token for (they would be spelled
+    out letter by letter, which such a model never saw). Empty for real CLIP vocabularies."""
+    vocab = tok.get_vocab()
+    if len(vocab) >= SMALL_VOCABULARY:
+        return []
+    words = [w.strip(".,;:!?\"'").lower() for w in prompt.split()]
+    return [w for w in words if w and f"{w}</w>" not in vocab]
+
+
+def concept_settings(s: dict, model, spec, n_images: int, image_hw):
+    """(table, (n_images, N) weights, per-image concept dicts, warnings) of the run's concept flags, or Nones."""
+    from jaxdiff.steer.concepts import ConceptTableError
+    from sample.concepts import ConceptRequest, check_table, parse_concept, resolve_table
+
+    wants = s.get("concept") or s.get("fair") is not None or s.get("concept_scale") is not None
+    if not s.get("concepts"):
+        if wants:
+            raise CLIError("--concept/--fair/--concept-scale need a concept table: --concepts PATH|NAME")
+        return None, None, None, []
+    try:
+        table = resolve_table(s["concepts"])
+        warnings = check_table(model, table, spec, image_hw)
+        if s.get("concept_scale") is not None and not np.isfinite(s["concept_scale"]):
+            raise ConceptTableError(f"--concept-scale {s['concept_scale']}: must be finite")
+        request = ConceptRequest(concepts=tuple(parse_concept(c) for c in s.get("concept") or ()), fair=s.get("fair"))
+        if not request.concepts and request.fair is None:
+            raise ConceptTableError(f"--concepts {s['concepts']}: choose --concept NAME[=SCALE] (repeatable) or "
+                                    f"--fair GROUP (groups: {', '.join(table.groups) or 'none'}; concepts: "
+                                    f"{', '.join(table.names)})")
+        weights, per_image = request.per_image(table, n_images, s["seed"])
+    except ConceptTableError as e:
+        raise CLIError(str(e)) from None
+    return table, weights, per_image, warnings
+
+
 def run(settings: dict, out: Path, *, cache: bool = True, quiet: bool = False) -> dict:
     """Generate from a settings dict (the ``run.json`` schema), write the files, return the sidecar."""
     import jax
@@ -142,9 +180,6 @@ def run(settings: dict, out: Path, *, cache: bool = True, quiet: bool = False) -
     s = dict(settings)
     if cache:
         enable_compilation_cache(default_cache_dir())
-    for k in ("height", "width"):
-        if s.get(k) is not None and (s[k] <= 0 or s[k] % 8):
-            raise CLIError(f"--{k} {s[k]}: must be a positive multiple of 8 (the VAE downsamples by 8)")
     if s["steps"] < 1:
         raise CLIError(f"--steps {s['steps']}: must be >= 1")
     if s["num_images"] < 1:
@@ -152,25 +187,50 @@ def run(settings: dict, out: Path, *, cache: bool = True, quiet: bool = False) -
     prompts = [p for p in s["prompts"] for _ in range(s["num_images"])]
     t0 = time.perf_counter()
     model = load_model(s["model"], s["dtype"])
+    from sample.spec import vae_factor
+    f = vae_factor(model)
+    for k in ("height", "width"):
+        if s.get(k) is not None and (s[k] <= 0 or s[k] % f):
+            raise CLIError(f"--{k} {s[k]}: must be a positive multiple of {f} (this model's VAE downsamples by {f})")
     init_image = read_image(s["init_image"], s["height"], s["width"]) if s.get("init_image") else None
     init_latents = read_init_latents(s["init_latents"], len(prompts)) if s.get("init_latents") else None
     spec = SampleSpec(steps=s["steps"], guidance=s["guidance"], height=s["height"], width=s["width"],
                       scheduler=s["scheduler"], eta=s["eta"], dtype=s["dtype"], strength=s["strength"])
-    capture, tok = (heatmap_capture(model), None) if s.get("heatmap") else (None, None)
+    capture = heatmap_capture(model) if s.get("heatmap") else None
+    from jaxdiff.tokenizer import load_tokenizer
+    tok = load_tokenizer(model.tokenizer_dirs["tokenizer"])
+    for p in s["prompts"]:
+        unknown = out_of_vocabulary(tok, p)
+        if unknown and not quiet:
+            print(f"warning: {', '.join(repr(w) for w in unknown)} not in this model's vocabulary (prompt {p!r}); "
+                  "it will be spelled out letter by letter", file=sys.stderr)
+    table, weights, per_image, warnings = concept_settings(
+        s, model, spec, len(prompts), None if init_image is None else init_image.shape[1:3])
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    if s.get("lowpass") is not None and (not np.isfinite(s["lowpass"])):
+        raise CLIError(f"--lowpass {s['lowpass']}: must be a finite weight")
     if s.get("heatmap"):
-        from jaxdiff.tokenizer import load_tokenizer
         from sample.heatmap import word_token_indices
-        tok = load_tokenizer(model.tokenizer_dirs["tokenizer"])
         for p in s["prompts"]:
             try:
                 word_token_indices(tok, p, s["heatmap"])
             except ValueError as e:
                 raise CLIError(str(e)) from None
     progress = None if quiet else ProgressBar()
+    negatives = [s["negative_prompt"]] * len(prompts) if s["negative_prompt"] else None
+    reference = None
     try:
-        result = generate(model, prompts, spec=spec, seed=s["seed"],
-                          negative_prompts=[s["negative_prompt"]] * len(prompts) if s["negative_prompt"] else None,
-                          init_latents=init_latents, init_image=init_image, capture=capture, progress=progress)
+        if table is None and s.get("lowpass") is None:
+            result = generate(model, prompts, spec=spec, seed=s["seed"], negative_prompts=negatives,
+                              init_latents=init_latents, init_image=init_image, capture=capture, progress=progress)
+        else:
+            from sample.concepts import concept_run
+            result, reference = concept_run(
+                model, prompts, spec=spec, seed=s["seed"], table=table, weights=weights,
+                scale=s.get("concept_scale"), rows=s.get("concept_rows"), lowpass=s.get("lowpass"),
+                lowpass_row=s.get("lowpass_row") or "uncond", negative_prompts=negatives,
+                init_latents=init_latents, init_image=init_image, capture=capture, progress=progress)
     except ValueError as e:
         raise CLIError(str(e)) from None
 
@@ -180,13 +240,21 @@ def run(settings: dict, out: Path, *, cache: bool = True, quiet: bool = False) -
         files.append(f"{k:03d}.png")
         save_png(out / files[-1], img)
     save_png(out / "grid.png", grid(result.images))
+    if reference is not None:
+        save_png(out / "reference_grid.png", grid(reference.images))
     np.save(out / "init_latents.npy", np.transpose(np.asarray(result.init_latents), (0, 3, 1, 2)))
     heat_files = write_heatmaps(out, tok, result, prompts, s["heatmap"]) if s.get("heatmap") else []
     sidecar = {
         "settings": {k: s.get(k) for k in SETTINGS},
         "model_sha256": model.manifest.get("source_sha256"),
         "model_source": model.manifest.get("source", s["model"]),
-        "images": [{"file": f, "prompt": p, "index": k} for k, (f, p) in enumerate(zip(files, prompts))],
+        "images": [{"file": f, "prompt": p, "index": k, **({"concepts": per_image[k]} if per_image else {})}
+                   for k, (f, p) in enumerate(zip(files, prompts))],
+        "concept_table": None if table is None else {
+            "method": table.method, "kind": table.kind, "scale": table.scale if s.get("concept_scale") is None
+            else s["concept_scale"], "rows": s.get("concept_rows") or table.rows,
+            "model_sha256": table.model_sha256},
+        "reference_grid": None if reference is None else "reference_grid.png",
         "heatmaps": heat_files, "grid": "grid.png", "init_latents": "init_latents.npy",
         "versions": {"jax": jax.__version__, "backend": jax.default_backend(), "devices": jax.device_count()},
         "timings": {**{k: round(v, 3) for k, v in dict(result.timings).items()},
@@ -219,6 +287,18 @@ def parse_args(argv) -> argparse.Namespace:
     ap.add_argument("--strength", type=float, default=0.8, help="img2img: how much of the schedule to run")
     ap.add_argument("--init-latents", help="start from these latents (.npy, diffusers (B, 4, H/8, W/8) layout)")
     ap.add_argument("--heatmap", metavar="WORD", help="write a cross-attention heat map of this prompt word")
+    ap.add_argument("--concepts", metavar="PATH|NAME",
+                    help="a concept table (NAME.safetensors + NAME.json) or a shipped one: sdisc, lwim")
+    ap.add_argument("--concept", action="append", metavar="NAME[=SCALE]",
+                    help="add this concept to every image (repeatable: multi-hot composition)")
+    ap.add_argument("--fair", metavar="GROUP", help="one concept of GROUP per image, balanced over the images")
+    ap.add_argument("--concept-scale", type=float, help="strength of the concept vectors (default: the table's)")
+    ap.add_argument("--concept-rows", choices=("cond", "both"),
+                    help="guidance rows the concepts edit (default: the table's; SDisc cond, LWIM both)")
+    ap.add_argument("--lowpass", type=float, nargs="?", const=1.0, metavar="WEIGHT",
+                    help="LWIM background consistency: re-inject a concept-free run's low-pass h (weight 1.0)")
+    ap.add_argument("--lowpass-row", choices=("uncond", "cond"),
+                    help="which guidance row of the reference run is re-injected (default uncond, as released)")
     ap.add_argument("--out", default="out/sample", help="output folder")
     ap.add_argument("--from-json", help="re-run the settings of a run.json sidecar (other flags are ignored)")
     ap.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA cache")

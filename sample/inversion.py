@@ -37,7 +37,7 @@ from jaxdiff.hooks import NO_CAPTURE, NO_EDITS
 from jaxdiff.schedulers import Schedule, make_schedule
 from jaxdiff.schedulers.common import alpha_cumprod_at, vp_x0_and_eps
 from jaxdiff.schedulers.config import DDIM
-from jaxdiff.vae import images_to_unit
+from jaxdiff.vae import uint8_to_signed
 from sample.loop import Denoiser, StepCaptureSpec, as_step_capture, denoise, guided_prediction
 from sample.model_fns import image_latents, latents_to_unit, unet_denoiser, unit_to_uint8
 from sample.pipeline import Plan, cast_and_encode, make_plan, run_timed
@@ -179,7 +179,7 @@ def invert(model: StableDiffusionModel, images: np.ndarray, prompts: list[str], 
     plan = make_plan(model, dtype=dtype, capture=capture, progress=progress)
     mesh = resolve_mesh(mesh, b)
     args = (replicate(dict(model.params), mesh), shard_batch(ids, mesh),
-            shard_batch(np.asarray(images_to_unit(images)), mesh), replicate(jnp.float32(guidance), mesh),
+            shard_batch(np.asarray(uint8_to_signed(images)), mesh), replicate(jnp.float32(guidance), mesh),
             replicate(jnp.int32(fixed_point_iters), mesh), replicate(schedule, mesh))
     out, timings = run_timed(lambda: inversion_program(*args, plan=plan), (inversion_program,), t0)
     return InversionResult(timings=timings, **out)

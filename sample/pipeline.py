@@ -27,7 +27,7 @@ from jaxdiff.clip import CLIPTextConfig
 from jaxdiff.pytree import pytree_dataclass
 from jaxdiff.schedulers import Schedule, add_noise_at_step
 from jaxdiff.unet import UNetConfig
-from jaxdiff.vae import VAEConfig, images_to_unit
+from jaxdiff.vae import VAEConfig, uint8_to_signed
 from sample.loop import (NO_STEP_CAPTURE, StepCaptureSpec, as_step_capture, denoise, denoise_step,
                          reduced_captures)
 from sample.model_fns import cast_params, cond_denoiser, image_latents, latents_to_unit, unet_denoiser, unit_to_uint8
@@ -201,7 +201,7 @@ def _sample(model: StableDiffusionModel, prompts: list[str], *, spec: SampleSpec
     if image is not None:
         vae_noise = (np.asarray(jax.random.normal(vae_key, vae_shape, jnp.float32)) if vae_noise is None
                      else check_latents("vae_noise", vae_noise, vae_shape))
-        image = np.asarray(images_to_unit(image))
+        image = np.asarray(uint8_to_signed(image))
 
     mesh = resolve_mesh(mesh, b)
     inputs = SampleInputs(prompt=shard_batch(ids, mesh), noise=shard_batch(noise, mesh),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxdiff import nn
-from jaxdiff.vae import (VAEConfig, decode_latents, encode_to_latents, images_to_unit, init_vae, unit_to_uint8,
+from jaxdiff.vae import (VAEConfig, decode_latents, encode_to_latents, uint8_to_signed, init_vae, signed_to_uint8,
                          vae_decode, vae_encode, vae_sample)
 from tests.conftest import max_abs, nchw_to_nhwc
 
@@ -97,7 +97,7 @@ def test_scaling_round_trip():
 
 def test_image_helpers_round_trip():
     u = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, -1)
-    x = images_to_unit(u)
+    x = uint8_to_signed(u)
     assert float(x.min()) == -1.0 and float(x.max()) == 1.0
-    assert np.array_equal(unit_to_uint8(x), u)
-    assert np.array_equal(unit_to_uint8(jnp.array([-3.0, 3.0])), np.array([0, 255], np.uint8))
+    assert np.array_equal(signed_to_uint8(x), u)
+    assert np.array_equal(signed_to_uint8(jnp.array([-3.0, 3.0])), np.array([0, 255], np.uint8))

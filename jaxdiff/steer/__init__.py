@@ -1,0 +1,10 @@
+"""Steering methods as pure functions: each hands the sampler a :class:`jaxdiff.steering.Steering`.
+
+* :mod:`jaxdiff.steer.concepts`: concept tables (file format, multi-hot composition, the h-space edit);
+* :mod:`jaxdiff.steer.objective`: the frozen-model diffusion objective the concept methods train with;
+* :mod:`jaxdiff.steer.sdisc`: Li et al., CVPR 2024 (self-discovered spatial h-space vectors);
+* :mod:`jaxdiff.steer.lwim`: LWIM, TMLR 2026 (attribute suppression, h attenuation, weighted loss, low-pass
+  h re-injection).
+
+Method code imports the core (``jaxdiff``), never ``sample`` or ``train``.
+"""

@@ -1,0 +1,310 @@
+"""Measure h-space concept methods on ShapesWorld (issue 12): fairness, fidelity, background consistency, cost.
+
+    python -m train.concepts_eval --tables runs/concepts            # every table there + the baseline
+    python -m train.concepts_eval --tables runs/concepts --images-per-prompt 12 --no-results   # a quick look
+
+Protocol. Fairness prompts are every single-object prompt that names no colour: {a shape, a circle, a square, a
+triangle} x {no background, the 5 backgrounds} = 24 prompts (the tables were trained on the "a shape ..."
+captions only; the other 18 test generalisation). Each prompt gets ``images-per-prompt`` images; with a fair
+group, image j of a prompt gets the (j mod 6)-th colour of a seed-shuffled order (balanced). Every method sees
+the same starting noise: row ``p * n + j`` of :func:`sample.shapesworld_eval.caption_noise`. The unsteered run
+is also LWIM's low-pass reference (h captured at every step, all rows), so "baseline" and "reference" are the
+same images.
+
+Per image the judge finds the objects; the colour of the largest one is the image's colour. Reported per method:
+the deviation ratio of those colours per prompt (mean over prompts), per-concept accuracy (image has its
+concept's colour), shape and background accuracy of the caption checks, background PSNR against the unsteered
+image of the same noise (outside both images' object masks; per-image values capped at 60 dB, then averaged),
+and sampling images/s. Results are cached per method and batch (``--work``), so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from jaxdiff.shapesworld import BACKGROUNDS, COLOURS, deviation_ratio, detect, score_caption
+from jaxdiff.shapesworld.metrics import background_psnr
+
+SHAPE_WORDS = ("shape", "circle", "square", "triangle")
+PSNR_CAP = 60.0
+MARK_START, MARK_END = "<!-- concepts-eval:start -->", "<!-- concepts-eval:end -->"
+
+
+def fairness_prompts() -> list[str]:
+    return [f"a {s}" + (f" on {bg}" if bg else "") for s in SHAPE_WORDS for bg in (None, *BACKGROUNDS)]
+
+
+# method name -> (table file stem under --tables or None, low-pass weight or None)
+def method_rows(tables: Path) -> list[tuple[str, str | None, float | None]]:
+    rows = [("baseline", None, None)]
+    for stem, lowpass in (("sdisc", None), ("lwim", 1.0), ("lwim", None), ("lwim_no_a", 1.0), ("lwim_no_b", 1.0),
+                          ("lwim_no_c", 1.0), ("lwim_noise", 1.0)):
+        if (tables / f"{stem}.json").exists():
+            name = stem if stem == "sdisc" else f"{stem}{'' if lowpass else '_nolowpass'}"
+            rows.append((name, stem, lowpass))
+    rows.append(("lowpass_only", None, 1.0))
+    return rows
+
+
+def judge_one(image: np.ndarray, prompt: str) -> dict:
+    det = detect(image)
+    score = score_caption(image, prompt, detection=det)
+    main = max(det.objects, key=lambda o: o.area) if det.objects else None
+    return {"colour": None if main is None else main.colour, "objects": len(det.objects),
+            "shape_ok": score.checks["shape"].passed if "shape" in score.checks else None,
+            "background_ok": score.checks["background"].passed if "background" in score.checks else None}
+
+
+def run_batches(model, prompts, n_per, methods, tables: Path, work: Path, seed: int, batch: int, log) -> dict:
+    """Sample every method batch by batch (cached in ``work``); returns {method: {"images", "seconds"}}."""
+    from jaxdiff.steer.concepts import concept_steering, load_table
+    from jaxdiff.steer.lwim import lowpass_steering
+    from jaxdiff.steering import compose
+    from sample.concepts import REFERENCE_CAPTURE
+    from sample.pipeline import txt2img
+    from sample.shapesworld_eval import caption_noise
+    from sample.spec import SampleSpec, schedule_for
+    from jaxdiff.steer.concepts import fair_assignment
+
+    spec = SampleSpec()
+    n_steps = len(schedule_for(model, spec))
+    rows = [(p, j) for p in range(len(prompts)) for j in range(n_per)]
+    loaded = {stem: load_table(tables / stem) for _, stem, _ in methods if stem}
+    assign = {}
+    for stem, table in loaded.items():
+        per_prompt = fair_assignment(table.group("colour"), n_per, seed)
+        assign[stem] = [per_prompt[j] for _, j in rows]
+    work.mkdir(parents=True, exist_ok=True)
+    out = {m: {"images": [], "seconds": 0.0} for m, _, _ in methods}
+    n_batches = -(-len(rows) // batch)
+    for b in range(n_batches):
+        lo, hi = b * batch, min((b + 1) * batch, len(rows))
+        idx = list(range(lo, hi)) + [lo] * (batch - (hi - lo))
+        caps = [prompts[rows[i][0]] for i in idx]
+        noise = caption_noise(model, spec, seed, idx)
+        ref_h = None
+        cached = {name: work / f"{name}_{b:04d}.npz" for name, _, _ in methods}
+        need_ref = any(lp and not cached[name].exists() for name, _, lp in methods)
+        for name, stem, lowpass in methods:
+            path = cached[name]
+            if path.exists() and not (name == "baseline" and need_ref):
+                with np.load(path) as f:
+                    out[name]["images"].append(f["images"][:hi - lo])
+                    out[name]["seconds"] += float(f["seconds"])
+                continue
+            steer = []
+            if stem:
+                table = loaded[stem]
+                weights = np.stack([table.weights({assign[stem][i]: 1.0}) for i in idx])
+                steer.append(concept_steering(table, weights, guided=spec.guided))
+            if lowpass:
+                steer.append(lowpass_steering(ref_h, lowpass, guided=spec.guided, num_steps=n_steps))
+            t0 = time.perf_counter()
+            res = txt2img(model, caps, spec=spec, seed=seed, init_latents=noise, edits=compose(*steer) if steer else None,
+                          capture=REFERENCE_CAPTURE if name == "baseline" else None)
+            seconds = time.perf_counter() - t0
+            if name == "baseline":
+                ref_h = res.aux["h"]
+            images = np.asarray(res.images)
+            np.savez(path.with_suffix(".tmp.npz"), images=images, seconds=seconds)
+            path.with_suffix(".tmp.npz").replace(path)
+            out[name]["images"].append(images[:hi - lo])
+            out[name]["seconds"] += seconds
+        log(f"[eval] batch {b + 1}/{n_batches}")
+    for m in out:
+        out[m]["images"] = np.concatenate(out[m]["images"])
+    return {"results": out, "rows": rows, "assign": assign}
+
+
+def summarise(prompts, rows, images: np.ndarray, judged: list[dict], base_images, assigned: list[str] | None,
+              seconds: float) -> dict:
+    by_prompt: dict[int, Counter] = {}
+    for (p, _), j in zip(rows, judged):
+        if j["colour"] is not None:
+            by_prompt.setdefault(p, Counter())[j["colour"]] += 1
+    ratios = [deviation_ratio([c[col] for col in COLOURS]) for c in by_prompt.values()]
+    shape = [j["shape_ok"] for j in judged if j["shape_ok"] is not None]
+    bg = [j["background_ok"] for j in judged if j["background_ok"] is not None]
+    out = {"images": len(images), "deviation_ratio": float(np.mean(ratios)),
+           "colour_share": {c: sum(cnt[c] for cnt in by_prompt.values()) / max(1, sum(sum(cnt.values())
+                                                                                     for cnt in by_prompt.values()))
+                            for c in COLOURS},
+           "shape_accuracy": float(np.mean(shape)), "background_accuracy": float(np.mean(bg)),
+           "no_object": int(sum(j["objects"] == 0 for j in judged)), "images_per_s": len(images) / seconds,
+           "deviation_ratio_shape_prompts": float(np.mean([r for p, r in zip(by_prompt, ratios)
+                                                          if not prompts[p].startswith("a shape")] or [np.nan]))}
+    if assigned is not None:
+        hits = [j["colour"] == a for j, a in zip(judged, assigned)]
+        out["concept_accuracy"] = float(np.mean(hits))
+        out["per_concept_accuracy"] = {c: float(np.mean([h for h, a in zip(hits, assigned) if a == c]))
+                                       for c in COLOURS}
+    if base_images is not None:
+        ps = []
+        for a, b in zip(images, base_images):
+            try:
+                ps.append(min(PSNR_CAP, background_psnr(a, b)))
+            except ValueError:
+                pass
+        out["background_psnr"] = float(np.mean(ps))
+    return out
+
+
+def markdown(summary: dict, settings: dict) -> str:
+    names = {"baseline": "unsteered baseline", "sdisc": "SDisc (Li et al.), scale 1, cond rows",
+             "lwim": "LWIM full (a+b+c, low-pass 1.0), scale 2, both rows", "lwim_nolowpass": "LWIM without the low-pass",
+             "lwim_no_a": "LWIM without (a) suppression", "lwim_no_b": "LWIM without (b) attenuation",
+             "lwim_no_c": "LWIM without (c) weighted loss", "lwim_noise": "LWIM full, true-noise target",
+             "lowpass_only": "low-pass re-injection only (no concept)"}
+    lines = [MARK_START, "", f"Measured {settings['date']} by `python -m train.concepts_eval` ({settings['host']}, "
+             f"{settings['minutes']:.0f} min): embedded ShapesWorld model, DDIM 30 steps, guidance 7.5, "
+             f"{settings['prompts']} prompts, same noise for every method (images per prompt in the table).", "",
+             "| method | images / prompt | deviation ratio (mean of 24 prompts) | on the 18 untrained prompts | "
+             "per-concept accuracy | shape acc. | background acc. | background PSNR vs unsteered (dB) | images/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for m, s in summary.items():
+        acc = f"{100 * s['concept_accuracy']:.1f}%" if "concept_accuracy" in s else "-"
+        psnr = "-" if m == "baseline" else f"{s['background_psnr']:.1f}"
+        lines.append(f"| {names.get(m, m)} | {s['images_per_prompt']} | {s['deviation_ratio']:.3f} | {s['deviation_ratio_shape_prompts']:.3f} | "
+                     f"{acc} | {100 * s['shape_accuracy']:.1f}% | {100 * s['background_accuracy']:.1f}% | {psnr} | "
+                     f"{s['images_per_s']:.2f} |")
+    lines += ["", "Per-concept accuracy (image's largest object has the assigned colour):", "",
+              "| method | " + " | ".join(COLOURS) + " |", "|---|" + "---|" * len(COLOURS)]
+    for m, s in summary.items():
+        if "per_concept_accuracy" in s:
+            lines.append(f"| {m} | " + " | ".join(f"{100 * s['per_concept_accuracy'][c]:.0f}%" for c in COLOURS) + " |")
+    lines += ["", "Colour share of the judged images:", "", "| method | " + " | ".join(COLOURS) + " |",
+              "|---|" + "---|" * len(COLOURS)]
+    for m, s in summary.items():
+        lines.append(f"| {m} | " + " | ".join(f"{100 * s['colour_share'][c]:.1f}%" for c in COLOURS) + " |")
+    lines += ["", MARK_END]
+    return "\n".join(lines)
+
+
+def replace_block(text: str, block: str) -> str:
+    if MARK_START in text and MARK_END in text:
+        return text[:text.index(MARK_START)] + block + text[text.index(MARK_END) + len(MARK_END):]
+    return text.rstrip("\n") + "\n\n" + block + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m train.concepts_eval", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tables", default="runs/concepts", help="folder with sdisc/lwim/... tables")
+    ap.add_argument("--images-per-prompt", type=int, default=60)
+    ap.add_argument("--ablation-images-per-prompt", type=int, default=24,
+                    help="images per prompt for the ablation rows (LWIM variants, low-pass only)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--methods", help="comma-separated subset of the method rows")
+    ap.add_argument("--work", default="runs/concepts_eval", help="cache of sampled batches and the summary")
+    ap.add_argument("--results", default="RESULTS.md")
+    ap.add_argument("--no-results", action="store_true", help="do not rewrite RESULTS.md")
+    args = ap.parse_args(argv)
+
+    import platform
+
+    from sample.cli import load_model
+    from sample.outputs import write_json_atomic
+    t0 = time.perf_counter()
+    model = load_model(None, "float32")
+    prompts = fairness_prompts()
+    tables = Path(args.tables)
+    methods = method_rows(tables)
+    if args.methods:
+        keep = set(args.methods.split(",")) | {"baseline"}
+        methods = [m for m in methods if m[0] in keep]
+    log = lambda m: print(m, flush=True)   # noqa: E731
+    main_rows = {"baseline", "sdisc", "lwim", "lwim_nolowpass"}
+    passes = [(args.images_per_prompt, [m for m in methods if m[0] in main_rows]),
+              (args.ablation_images_per_prompt, [m for m in methods if m[0] == "baseline" or m[0] not in main_rows])]
+    summary, shown = {}, {}
+    for n_per, ms in passes:
+        if len(ms) < 2 and n_per != args.images_per_prompt:
+            continue
+        work = Path(args.work) / f"n{n_per}_s{args.seed}"
+        run = run_batches(model, prompts, n_per, ms, tables, work, args.seed, args.batch, log)
+        results, rows = run["results"], run["rows"]
+        base = results["baseline"]["images"]
+        for name, stem, _ in ms:
+            if name in summary:
+                continue
+            images = results[name]["images"]
+            judged = [judge_one(im, prompts[p]) for im, (p, _) in zip(images, rows)]
+            summary[name] = summarise(prompts, rows, images, judged, None if name == "baseline" else base,
+                                      run["assign"].get(stem), results[name]["seconds"])
+            summary[name]["images_per_prompt"] = n_per
+            shown[name] = results[name]["images"], rows
+            log(f"[eval] {name}: deviation {summary[name]['deviation_ratio']:.3f}  "
+                f"concept acc {summary[name].get('concept_accuracy', float('nan')):.3f}  "
+                f"PSNR {summary[name].get('background_psnr', float('nan')):.1f}")
+    settings = {"date": time.strftime("%Y-%m-%d"), "host": f"{platform.machine()} cpu",
+                "minutes": (time.perf_counter() - t0) / 60, "prompts": len(prompts),
+                "images_per_prompt": args.images_per_prompt, "seed": args.seed, "tables": str(tables)}
+    write_json_atomic(Path(args.work) / "summary.json", {"settings": settings, "summary": summary})
+    grid_figure(shown, prompts, Path("train/figures/concepts_grid.png"))
+    from jaxdiff.steer.concepts import load_table
+    for stem, lowpass in (("sdisc", None), ("lwim", 1.0)):
+        if (tables / f"{stem}.json").exists():
+            concept_rows_figure(model, load_table(tables / stem), Path(f"train/figures/concepts_{stem}.png"),
+                                lowpass=lowpass)
+    if not args.no_results:
+        p = Path(args.results)
+        p.write_text(replace_block(p.read_text(), markdown(summary, settings)))
+    print(markdown(summary, settings))
+    return 0
+
+
+def grid_figure(shown: dict, prompts, path: Path, prompt: str = "a shape on grass", cols: int = 12) -> None:
+    """Rows = methods, columns = the first ``cols`` images (seeds) of ``prompt``."""
+    from sample.outputs import grid, save_png
+    p = prompts.index(prompt)
+    tiles = []
+    for images, rows in shown.values():
+        take = [k for k, (pp, j) in enumerate(rows) if pp == p][:cols]
+        tiles.append(images[take])
+    cols = min(len(t) for t in tiles)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_png(path, grid(np.concatenate([t[:cols] for t in tiles]), cols=cols))
+
+
+def concept_rows_figure(model, table, path: Path, prompt: str = "a shape on grass", seeds: int = 8,
+                        lowpass: float | None = None) -> None:
+    """README picture: rows = the unsteered model, then each concept of the table's colour group; columns =
+    starting noises (the harness's positions 0..seeds-1); the label left of each row."""
+    from jaxdiff.steer.concepts import concept_steering
+    from jaxdiff.steer.lwim import lowpass_steering
+    from jaxdiff.steering import compose
+    from sample.concepts import REFERENCE_CAPTURE
+    from sample.outputs import save_png
+    from sample.pipeline import txt2img
+    from sample.shapesworld_eval import caption_noise
+    from sample.spec import SampleSpec, schedule_for
+    from train.shapesworld_baseline import labelled_grid
+
+    spec = SampleSpec()
+    names = table.group("colour")
+    noise = caption_noise(model, spec, 0, list(range(seeds)))
+    ref = txt2img(model, [prompt] * seeds, spec=spec, seed=0, init_latents=noise, capture=REFERENCE_CAPTURE)
+    rows = [ref.images]
+    for name in names:
+        steer = [concept_steering(table, np.stack([table.weights({name: 1.0})] * seeds), guided=spec.guided)]
+        if lowpass:
+            steer.append(lowpass_steering(ref.aux["h"], lowpass, guided=spec.guided,
+                                          num_steps=len(schedule_for(model, spec))))
+        rows.append(txt2img(model, [prompt] * seeds, spec=spec, seed=0, init_latents=noise,
+                            edits=compose(*steer)).images)
+    labels = ["unsteered"] + [f"{table.method} {n}" for n in names]
+    by_seed = [np.stack([r[k] for r in rows]) for k in range(seeds)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_png(path, labelled_grid(by_seed, labels, list(range(len(labels)))))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
