@@ -201,7 +201,7 @@ def run(settings: dict, out: Path, *, cache: bool = True, quiet: bool = False) -
     tok = load_tokenizer(model.tokenizer_dirs["tokenizer"])
     for p in s["prompts"]:
         unknown = out_of_vocabulary(tok, p)
-        if unknown and not quiet:
+        if unknown:
             print(f"warning: {', '.join(repr(w) for w in unknown)} not in this model's vocabulary (prompt {p!r}); "
                   "it will be spelled out letter by letter", file=sys.stderr)
     table, weights, per_image, warnings = concept_settings(

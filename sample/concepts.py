@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+import jaxdiff
 from jaxdiff.checkpoint import StableDiffusionModel
 from jaxdiff.steer.concepts import (ConceptTable, ConceptTableError, check_fits, concept_steering,
                                     fair_assignment, h_shape_of, load_table)
@@ -24,7 +25,7 @@ from sample.loop import StepCaptureSpec
 from sample.pipeline import generate
 from sample.spec import SampleResult, SampleSpec, latent_shape, output_size, schedule_for
 
-SHIPPED = Path(__file__).resolve().parent.parent / "jaxdiff" / "assets" / "concepts"
+SHIPPED = Path(jaxdiff.__file__).resolve().parent / "assets" / "concepts"   # tables for the embedded model
 REFERENCE_CAPTURE = StepCaptureSpec.of((), hspace=True, reduce="stack", cond_only=False)
 
 

@@ -75,7 +75,7 @@ def test_init_latents_and_img2img(model_dir, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--scheduler", "heun"], "heun"),
-    (["--height", "36"], "multiple of 8"),
+    (["--height", "37"], "multiple of 2 (this model's VAE downsamples by 2)"),
     (["--model", "/nonexistent/model"], "no such file"),
     (["--init-image", "NOTANIMAGE"], "not a readable image"),
     (["--init-image", "/nonexistent.png"], "no such file"),

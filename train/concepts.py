@@ -78,7 +78,7 @@ class ConceptConfig:
     batch: int = 64
     judge_filter: bool = True
     sdisc: MethodConfig = MethodConfig(steps=400, batch=48, lr=0.1)
-    lwim: MethodConfig = MethodConfig(steps=400, batch=48, lr=1e-2, weight_decay=0.01, clip_norm=1.0, scale=2.0,
+    lwim: MethodConfig = MethodConfig(steps=250, batch=48, lr=1e-2, weight_decay=0.01, clip_norm=1.0, scale=2.0,
                                       rows="both")
 
     def data_settings(self) -> dict:

@@ -50,7 +50,20 @@ def method_rows(tables: Path) -> list[tuple[str, str | None, float | None]]:
             name = stem if stem == "sdisc" else f"{stem}{'' if lowpass else '_nolowpass'}"
             rows.append((name, stem, lowpass))
     rows.append(("lowpass_only", None, 1.0))
+    rows.append(("oracle_h", ORACLE, None))
     return rows
+
+
+ORACLE = "oracle"   # not a table: every h replaced by that of the run whose prompt names the assigned colour
+
+
+def coloured(prompt: str, colour: str) -> str:
+    """"a shape on grass" -> "a blue shape on grass"."""
+    return prompt.replace("a ", f"a {colour} ", 1)
+
+
+def _replace_h(h, t, params):
+    return params["h"].astype(h.dtype)
 
 
 def judge_one(image: np.ndarray, prompt: str) -> dict:
@@ -71,15 +84,17 @@ def run_batches(model, prompts, n_per, methods, tables: Path, work: Path, seed: 
     from sample.pipeline import txt2img
     from sample.shapesworld_eval import caption_noise
     from sample.spec import SampleSpec, schedule_for
+    from jaxdiff.hooks import HSpaceEdit, UNetEdits
     from jaxdiff.steer.concepts import fair_assignment
+    from jaxdiff.steering import Steering
 
     spec = SampleSpec()
     n_steps = len(schedule_for(model, spec))
     rows = [(p, j) for p in range(len(prompts)) for j in range(n_per)]
-    loaded = {stem: load_table(tables / stem) for _, stem, _ in methods if stem}
+    loaded = {stem: load_table(tables / stem) for _, stem, _ in methods if stem and stem != ORACLE}
     assign = {}
-    for stem, table in loaded.items():
-        per_prompt = fair_assignment(table.group("colour"), n_per, seed)
+    for stem in {stem for _, stem, _ in methods if stem}:
+        per_prompt = fair_assignment(loaded[stem].group("colour") if stem in loaded else COLOURS, n_per, seed)
         assign[stem] = [per_prompt[j] for _, j in rows]
     work.mkdir(parents=True, exist_ok=True)
     out = {m: {"images": [], "seconds": 0.0} for m, _, _ in methods}
@@ -100,7 +115,12 @@ def run_batches(model, prompts, n_per, methods, tables: Path, work: Path, seed: 
                     out[name]["seconds"] += float(f["seconds"])
                 continue
             steer = []
-            if stem:
+            if stem == ORACLE:     # the upper bound of any h-space edit: the colour-named run's h at every step
+                named = txt2img(model, [coloured(c, assign[stem][i]) for c, i in zip(caps, idx)], spec=spec,
+                                seed=seed, init_latents=noise, capture=REFERENCE_CAPTURE)
+                steer.append(Steering(edits=UNetEdits(hspace=HSpaceEdit(
+                    _replace_h, {"h": named.aux["h"]}, per_row_params=True, per_step_params=True))))
+            elif stem:
                 table = loaded[stem]
                 weights = np.stack([table.weights({assign[stem][i]: 1.0}) for i in idx])
                 steer.append(concept_steering(table, weights, guided=spec.guided))
@@ -161,7 +181,8 @@ def markdown(summary: dict, settings: dict) -> str:
              "lwim": "LWIM full (a+b+c, low-pass 1.0), scale 2, both rows", "lwim_nolowpass": "LWIM without the low-pass",
              "lwim_no_a": "LWIM without (a) suppression", "lwim_no_b": "LWIM without (b) attenuation",
              "lwim_no_c": "LWIM without (c) weighted loss", "lwim_noise": "LWIM full, true-noise target",
-             "lowpass_only": "low-pass re-injection only (no concept)"}
+             "lowpass_only": "low-pass re-injection only (no concept)",
+             "oracle_h": "h-space oracle: h of the colour-named prompt's run, every step, both rows"}
     lines = [MARK_START, "", f"Measured {settings['date']} by `python -m train.concepts_eval` ({settings['host']}, "
              f"{settings['minutes']:.0f} min): embedded ShapesWorld model, DDIM 30 steps, guidance 7.5, "
              f"{settings['prompts']} prompts, same noise for every method (images per prompt in the table).", "",
@@ -185,12 +206,6 @@ def markdown(summary: dict, settings: dict) -> str:
         lines.append(f"| {m} | " + " | ".join(f"{100 * s['colour_share'][c]:.1f}%" for c in COLOURS) + " |")
     lines += ["", MARK_END]
     return "\n".join(lines)
-
-
-def replace_block(text: str, block: str) -> str:
-    if MARK_START in text and MARK_END in text:
-        return text[:text.index(MARK_START)] + block + text[text.index(MARK_END) + len(MARK_END):]
-    return text.rstrip("\n") + "\n\n" + block + "\n"
 
 
 def main(argv=None) -> int:
@@ -256,7 +271,8 @@ def main(argv=None) -> int:
                                 lowpass=lowpass)
     if not args.no_results:
         p = Path(args.results)
-        p.write_text(replace_block(p.read_text(), markdown(summary, settings)))
+        from train.shapesworld_baseline import replace_block
+        p.write_text(replace_block(p.read_text(), markdown(summary, settings), MARK_START, MARK_END))
     print(markdown(summary, settings))
     return 0
 

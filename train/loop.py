@@ -140,7 +140,8 @@ def compiled_step(loss_fn: Callable, cfg: LoopConfig, mesh: Mesh | None):
     if mesh is None:
         return jax.jit(fn)
     rep, data = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec(BATCH))
-    return jax.jit(fn, in_shardings=(rep, data, rep), out_shardings=(rep, rep))
+    jitted = jax.jit(fn, in_shardings=(rep, data, rep), out_shardings=(rep, rep))
+    return lambda state, batch, frozen=None: jitted(state, batch, frozen)
 
 
 # ------------------------------------------------------------------------------------------- checkpoints

@@ -110,10 +110,10 @@ def markdown(tally: Tally, neutral: dict, settings: dict, figures: dict) -> str:
     return "\n".join(lines)
 
 
-def replace_block(text: str, block: str) -> str:
-    """Replace the marked block of ``text`` (or append it when the markers are absent)."""
-    if MARK_START in text and MARK_END in text:
-        return text[:text.index(MARK_START)] + block + text[text.index(MARK_END) + len(MARK_END):]
+def replace_block(text: str, block: str, start: str = MARK_START, end: str = MARK_END) -> str:
+    """Replace the block of ``text`` between the markers ``start`` and ``end`` (or append it when absent)."""
+    if start in text and end in text:
+        return text[:text.index(start)] + block + text[text.index(end) + len(end):]
     return text.rstrip("\n") + "\n\n" + block + "\n"
 
 
