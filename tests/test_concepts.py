@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxdiff.checkpoint import StableDiffusionModel, config_from_dict, param_template
-from jaxdiff.hooks import CaptureSpec, UNetEdits
+from jaxdiff.hooks import UNetEdits
 from jaxdiff.nn import random_maker
 from jaxdiff.steer import lwim, sdisc
 from jaxdiff.steer.concepts import (ConceptTable, ConceptTableError, check_fits, concept_edits, concept_steering,
@@ -183,8 +183,8 @@ def test_suppression_removes_the_token(models):
 
 # ------------------------------------------------------------------------------------- training
 def train_cfg(method, **over):
-    from train.concepts import ConceptConfig, MethodConfig
-    mc = dataclasses.replace(getattr(ConceptConfig(), method), **METHOD, **over)
+    from train.concepts import ConceptConfig
+    mc = getattr(ConceptConfig(), method).with_settings(**METHOD, **over)
     return dataclasses.replace(ConceptConfig(), **{k: tuple(v) if k == "templates" else v for k, v in CONFIG.items()},
                                **{method: mc})
 
@@ -231,7 +231,7 @@ def test_training_lowers_the_loss_and_writes_a_table(models, trained, method):
     def mean_loss(v):   # the objective on a fixed batch and fixed noise draws
         return jnp.mean(jax.vmap(lambda k: loss(v, batch, k, frozen)[0])(keys))
     import optax
-    opt = optax.adam(getattr(cfg, method).lr)
+    opt = optax.adam(getattr(cfg, method).loop.lr)
     v, state = jnp.asarray(init), opt.init(jnp.asarray(init))
     before = float(mean_loss(v))
     step = jax.jit(lambda v, s: (lambda g: (lambda u, s2: (v + u, s2))(*opt.update(g, s)))(jax.grad(mean_loss)(v)))
@@ -259,7 +259,7 @@ def test_lwim_ablation_switches(models):
     model = models["sd1"]
     base = train_cfg("lwim").lwim
     for over in ({"gamma_a": None}, {"gamma_h": 1.0}, {"beta": 0.0}, {"target": "noise"}):
-        cfg = make_loss("lwim", model, dataclasses.replace(base, **over)).keywords["cfg"]
+        cfg = make_loss("lwim", model, base.with_settings(**over)).keywords["cfg"]
         assert getattr(cfg, next(iter(over))) == next(iter(over.values()))
     with pytest.raises(ValueError, match="target"):
         lwim.LWIMTraining(target="teacher")
@@ -312,7 +312,6 @@ def test_lowpass_steering_rows_and_padding():
     h = jnp.zeros((4, 2, 2, 1))
     out = e.hspace.apply(h, jnp.float32(10))
     np.testing.assert_allclose(np.asarray(out[0]), 0.5 * np.asarray(lwim.haar_lowpass(ref[2, 2])))
-    assert CaptureSpec(hspace=True).hspace
 
 
 @pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])

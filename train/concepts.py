@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from train.config import LoopConfig
+
 SHAPESWORLD_COLOURS = ("red", "orange", "yellow", "green", "blue", "purple")
 SHAPESWORLD_TEMPLATES = ("a {} shape", "a {} shape on grass", "a {} shape on sky", "a {} shape on sand",
                          "a {} shape on water", "a {} shape on brick")
@@ -45,22 +47,32 @@ SHAPESWORLD_TEMPLATES = ("a {} shape", "a {} shape on grass", "a {} shape on sky
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """Optimiser and loss settings of one method (defaults: the papers' code, methods spec sections 1.2 and
-    2.2). ``gamma_a`` None / ``gamma_h`` 1 / ``beta`` 0 switch LWIM's (a)/(b)/(c) off."""
+    """Optimiser (``loop``: train.loop's settings; constant learning rate) and loss settings of one method
+    (defaults: the papers' code, methods spec sections 1.2 and 2.2). ``gamma_a`` None / ``gamma_h`` 1 /
+    ``beta`` 0 switch LWIM's (a)/(b)/(c) off."""
 
-    steps: int
-    batch: int
-    lr: float
-    weight_decay: float = 0.0
-    clip_norm: float = 1e9
+    loop: LoopConfig
     scale: float = 1.0
     rows: str = "cond"
     gamma_a: float | None = 0.0
     gamma_h: float = 0.5
     beta: float = 1.0
     target: str = "distill"
-    save_every: int = 100
-    log_every: int = 25
+
+    def with_settings(self, **kw) -> "MethodConfig":
+        """A copy with settings replaced; loop settings (steps, batch, lr, ...) go to ``loop``."""
+        loop_keys = {f.name for f in dataclasses.fields(LoopConfig)}
+        unknown = set(kw) - loop_keys - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ConceptCLIError(f"unknown method settings {sorted(unknown)}; known: "
+                                  f"{sorted(loop_keys | {f.name for f in dataclasses.fields(self)} - {'loop'})}")
+        loop = dataclasses.replace(self.loop, **{k: v for k, v in kw.items() if k in loop_keys})
+        return dataclasses.replace(self, loop=loop, **{k: v for k, v in kw.items() if k not in loop_keys})
+
+
+def constant_lr(steps: int, batch: int, lr: float, **kw) -> LoopConfig:
+    return LoopConfig(steps=steps, batch=batch, lr=lr, warmup=0, final_lr_fraction=1.0,
+                      **{"weight_decay": 0.0, "clip_norm": 1e9, "save_every": 100, "log_every": 25, **kw})
 
 
 @dataclass(frozen=True)
@@ -77,8 +89,8 @@ class ConceptConfig:
     seed: int = 0
     batch: int = 64
     judge_filter: bool = True
-    sdisc: MethodConfig = MethodConfig(steps=400, batch=48, lr=0.1)
-    lwim: MethodConfig = MethodConfig(steps=250, batch=48, lr=1e-2, weight_decay=0.01, clip_norm=1.0, scale=2.0,
+    sdisc: MethodConfig = MethodConfig(constant_lr(400, 48, 0.1))
+    lwim: MethodConfig = MethodConfig(constant_lr(250, 48, 1e-2, weight_decay=0.01, clip_norm=1.0), scale=2.0,
                                       rows="both")
 
     def data_settings(self) -> dict:
@@ -109,11 +121,7 @@ def read_config(path: str | None, overrides: dict) -> ConceptConfig:
         raise ConceptCLIError(f"--config: unknown settings {unknown}; known: {sorted(known)}")
     for m in ("sdisc", "lwim"):
         if m in raw:
-            mfields = {f.name for f in dataclasses.fields(MethodConfig)}
-            bad = sorted(set(raw[m]) - mfields)
-            if bad:
-                raise ConceptCLIError(f"--config: unknown {m} settings {bad}; known: {sorted(mfields)}")
-            raw[m] = dataclasses.replace(getattr(cfg, m), **raw[m])
+            raw[m] = getattr(cfg, m).with_settings(**raw[m])
     if "templates" in raw:
         raw["templates"] = tuple(raw["templates"])
     cfg = dataclasses.replace(cfg, **raw)
@@ -318,7 +326,7 @@ def train_table(model, cfg: ConceptConfig, method: str, out: Path, name: str, *,
     from sample.sharding import resolve_mesh
     from sample.spec import SampleSpec, latent_shape, output_size
     from train import loop
-    from train.config import LoopConfig, fingerprint
+    from train.config import fingerprint
 
     mc: MethodConfig = getattr(cfg, method)
     meta = json.loads((out / "data" / "data.json").read_text())
@@ -333,27 +341,25 @@ def train_table(model, cfg: ConceptConfig, method: str, out: Path, name: str, *,
     mod = method_module(method)
     names = tuple(cfg.concepts)
     vectors = mod.init_vectors(len(names), h_shape)
-    lc = LoopConfig(steps=mc.steps, batch=mc.batch, lr=mc.lr, warmup=0, final_lr_fraction=1.0,
-                    weight_decay=mc.weight_decay, clip_norm=mc.clip_norm, save_every=mc.save_every,
-                    log_every=mc.log_every, seed=cfg.seed + 1)
-    batch_fn = training_batches(data, captions, prompts, neutrals, mc.batch, cfg.seed)
+    lc = dataclasses.replace(mc.loop, seed=cfg.seed + 1)
+    batch_fn = training_batches(data, captions, prompts, neutrals, lc.batch, cfg.seed)
     t0 = time.perf_counter()
     state = loop.run(f"{name}", out / f"ckpt_{name}", vectors, make_loss(method, model, mc), batch_fn, lc,
                      config_fingerprint=fingerprint({"method": method, "cfg": cfg, "data": meta["settings"]}),
-                     mesh=resolve_mesh(None, mc.batch), stop_after=stop_after, out=None,
+                     mesh=resolve_mesh(None, lc.batch), stop_after=stop_after, out=None,
                      frozen=frozen_arrays(model, captions, hw))
-    if int(state.step) < mc.steps:
+    if int(state.step) < lc.steps:
         return None
     seconds = time.perf_counter() - t0
     trained = loop.trained_ema(name, out / f"ckpt_{name}", vectors, lc)
     loss_fn = make_loss(method, model, mc)
-    record = {"method": method, "steps": mc.steps, "batch": mc.batch, "lr": mc.lr, "weight_decay": mc.weight_decay,
-              "optimizer": "adam" if mc.weight_decay == 0 else "adamw", "clip_norm": mc.clip_norm,
+    record = {"method": method, "steps": lc.steps, "batch": lc.batch, "lr": lc.lr, "weight_decay": lc.weight_decay,
+              "optimizer": "adam" if lc.weight_decay == 0 else "adamw", "clip_norm": lc.clip_norm,
               "vectors": "EMA of the trained vectors", "data": meta.get("summary"),
               "data_images_per_s": meta.get("images_per_s"), "data_settings": meta["settings"],
               "this_process_s": round(seconds, 1),
               "final_loss_mean": eval_loss(loss_fn, trained, batch_fn, frozen_arrays(model, captions, hw),
-                                           mc.steps)}
+                                           lc.steps)}
     if method == "lwim":
         record.update(gamma_a=mc.gamma_a, gamma_h=mc.gamma_h, beta=mc.beta, target=mc.target)
     table = ConceptTable(vectors=np.asarray(trained), names=names, method=method, kind=mod.KIND, h_shape=h_shape,
@@ -412,7 +418,7 @@ def main(argv=None) -> int:
         if args.method == "sdisc" and (args.no_suppress or args.no_attenuate or args.no_weight or args.target):
             raise ConceptCLIError("--no-suppress/--no-attenuate/--no-weight/--target are LWIM switches")
         cfg = read_config(args.config, {"group": args.group})
-        mc = dataclasses.replace(getattr(cfg, args.method), **method_overrides(args))
+        mc = getattr(cfg, args.method).with_settings(**method_overrides(args))
         cfg = dataclasses.replace(cfg, **{args.method: mc})
         from sample.cli import CLIError, load_model
         try:

@@ -75,8 +75,10 @@ def judge_one(image: np.ndarray, prompt: str) -> dict:
             "background_ok": score.checks["background"].passed if "background" in score.checks else None}
 
 
-def run_batches(model, prompts, n_per, methods, tables: Path, work: Path, seed: int, batch: int, log) -> dict:
-    """Sample every method batch by batch (cached in ``work``); returns {method: {"images", "seconds"}}."""
+def run_batches(model, prompts, n_per, methods, tables: Path, work: Path, seed: int, batch: int, log,
+                max_batches: int | None = None) -> dict:
+    """Sample every method batch by batch (cached in ``work``); returns {method: {"images", "seconds"}}.
+    ``max_batches`` stops early: the summary then covers only the first prompts' images (reported)."""
     from jaxdiff.steer.concepts import concept_steering, load_table
     from jaxdiff.steer.lwim import lowpass_steering
     from jaxdiff.steering import compose
@@ -91,6 +93,8 @@ def run_batches(model, prompts, n_per, methods, tables: Path, work: Path, seed: 
     spec = SampleSpec()
     n_steps = len(schedule_for(model, spec))
     rows = [(p, j) for p in range(len(prompts)) for j in range(n_per)]
+    if max_batches is not None:
+        rows = rows[:max_batches * batch]
     loaded = {stem: load_table(tables / stem) for _, stem, _ in methods if stem and stem != ORACLE}
     assign = {}
     for stem in {stem for _, stem, _ in methods if stem}:
@@ -176,6 +180,47 @@ def summarise(prompts, rows, images: np.ndarray, judged: list[dict], base_images
     return out
 
 
+def map_localisation(data_folder: Path) -> dict:
+    """How well the stored DAAM attribute maps (LWIM's loss weight) find the object: mean max-normalised map
+    value on the judge's object cells (latent grid) vs elsewhere, over the data set."""
+    from train.concepts import load_data
+    d = load_data(data_folder)
+    inside, outside = [], []
+    for image, m in zip(d["images"], d["maps"]):
+        f = image.shape[0] // m.shape[0]
+        cells = detect(image).object_mask.reshape(m.shape[0], f, m.shape[1], f).mean((1, 3)) > 0.3
+        if cells.any() and (~cells).any():
+            inside.append(m[cells].mean())
+            outside.append(m[~cells].mean())
+    return {"images": len(inside), "inside": float(np.mean(inside)), "outside": float(np.mean(outside))}
+
+
+def gradient_snr(model, data_folder: Path, batches: int = 16) -> dict:
+    """Per-element signal-to-noise of each method's gradient at the start of training (vectors at init): median
+    over elements of |mean over batches| / std over batches, batch 48, one fresh noise draw per batch."""
+    import jax
+    import jax.numpy as jnp
+    from train.concepts import (ConceptConfig, data_items, frozen_arrays, load_data, make_loss, method_module,
+                                training_batches)
+    cfg = ConceptConfig()
+    data = load_data(data_folder)
+    items = [data_items(cfg)[int(i)] for i in data["index"]]
+    prompts, neutrals = [i["prompt"] for i in items], [i["neutral"] for i in items]
+    caps = sorted(set(prompts) | set(neutrals))
+    frozen = frozen_arrays(model, caps, (64, 64))
+    from jaxdiff.steer.concepts import h_shape_of
+    h_shape = h_shape_of(model.params["unet"], model.configs["unet"], data["latents"].shape[1:3])
+    batch_fn = training_batches(data, caps, prompts, neutrals, 48, 0)
+    out = {}
+    for method in ("sdisc", "lwim"):
+        loss = make_loss(method, model, getattr(cfg, method))
+        grad = jax.jit(jax.grad(lambda v, b, k: loss(v, b, k, frozen)[0]))
+        v0 = jnp.asarray(method_module(method).init_vectors(len(cfg.concepts), h_shape))
+        g = np.stack([np.asarray(grad(v0, batch_fn(s), jax.random.PRNGKey(s))) for s in range(batches)])
+        out[method] = float(np.median(np.abs(g.mean(0)) / (g.std(0) + 1e-30)))
+    return out
+
+
 def markdown(summary: dict, settings: dict) -> str:
     names = {"baseline": "unsteered baseline", "sdisc": "SDisc (Li et al.), scale 1, cond rows",
              "lwim": "LWIM full (a+b+c, low-pass 1.0), scale 2, both rows", "lwim_nolowpass": "LWIM without the low-pass",
@@ -192,7 +237,10 @@ def markdown(summary: dict, settings: dict) -> str:
     for m, s in summary.items():
         acc = f"{100 * s['concept_accuracy']:.1f}%" if "concept_accuracy" in s else "-"
         psnr = "-" if m == "baseline" else f"{s['background_psnr']:.1f}"
-        lines.append(f"| {names.get(m, m)} | {s['images_per_prompt']} | {s['deviation_ratio']:.3f} | {s['deviation_ratio_shape_prompts']:.3f} | "
+        n = str(s["images_per_prompt"])
+        if s.get("prompts_covered", settings["prompts"]) < settings["prompts"]:
+            n += f" (first {s['prompts_covered']} prompts)"
+        lines.append(f"| {names.get(m, m)} | {n} | {s['deviation_ratio']:.3f} | {s['deviation_ratio_shape_prompts']:.3f} | "
                      f"{acc} | {100 * s['shape_accuracy']:.1f}% | {100 * s['background_accuracy']:.1f}% | {psnr} | "
                      f"{s['images_per_s']:.2f} |")
     lines += ["", "Per-concept accuracy (image's largest object has the assigned colour):", "",
@@ -204,6 +252,17 @@ def markdown(summary: dict, settings: dict) -> str:
               "|---|" + "---|" * len(COLOURS)]
     for m, s in summary.items():
         lines.append(f"| {m} | " + " | ".join(f"{100 * s['colour_share'][c]:.1f}%" for c in COLOURS) + " |")
+    diag = settings.get("diagnostics", {})
+    if "map_localisation" in diag:
+        m = diag["map_localisation"]
+        lines += ["", f"Attribute maps (LWIM's loss weight, DAAM sum over the 11 cross-attention sites, max-normalised): "
+                  f"mean {m['inside']:.3f} on the object's latent cells vs {m['outside']:.3f} elsewhere "
+                  f"({m['images']} training images)."]
+    if "gradient_snr" in diag:
+        g = diag["gradient_snr"]
+        lines += ["", f"Gradient signal-to-noise at initialisation (median over elements of |mean| / std over 16 "
+                  f"batches of 48): SDisc (true-noise target) {g['sdisc']:.3f}, LWIM (distillation target) "
+                  f"{g['lwim']:.3f}."]
     lines += ["", MARK_END]
     return "\n".join(lines)
 
@@ -213,11 +272,12 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tables", default="runs/concepts", help="folder with sdisc/lwim/... tables")
     ap.add_argument("--images-per-prompt", type=int, default=60)
-    ap.add_argument("--ablation-images-per-prompt", type=int, default=24,
+    ap.add_argument("--ablation-images-per-prompt", type=int, default=12,
                     help="images per prompt for the ablation rows (LWIM variants, low-pass only)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--methods", help="comma-separated subset of the method rows")
+    ap.add_argument("--max-batches", type=int, help="stop after this many batches per pass (a partial measurement)")
     ap.add_argument("--work", default="runs/concepts_eval", help="cache of sampled batches and the summary")
     ap.add_argument("--results", default="RESULTS.md")
     ap.add_argument("--no-results", action="store_true", help="do not rewrite RESULTS.md")
@@ -241,10 +301,11 @@ def main(argv=None) -> int:
               (args.ablation_images_per_prompt, [m for m in methods if m[0] == "baseline" or m[0] not in main_rows])]
     summary, shown = {}, {}
     for n_per, ms in passes:
-        if len(ms) < 2 and n_per != args.images_per_prompt:
+        if len(ms) < 2:                 # only the baseline: nothing to compare
             continue
         work = Path(args.work) / f"n{n_per}_s{args.seed}"
-        run = run_batches(model, prompts, n_per, ms, tables, work, args.seed, args.batch, log)
+        run = run_batches(model, prompts, n_per, ms, tables, work, args.seed, args.batch, log,
+                          args.max_batches if n_per == args.images_per_prompt else None)
         results, rows = run["results"], run["rows"]
         base = results["baseline"]["images"]
         for name, stem, _ in ms:
@@ -255,6 +316,7 @@ def main(argv=None) -> int:
             summary[name] = summarise(prompts, rows, images, judged, None if name == "baseline" else base,
                                       run["assign"].get(stem), results[name]["seconds"])
             summary[name]["images_per_prompt"] = n_per
+            summary[name]["prompts_covered"] = len({p for p, _ in rows})
             shown[name] = results[name]["images"], rows
             log(f"[eval] {name}: deviation {summary[name]['deviation_ratio']:.3f}  "
                 f"concept acc {summary[name].get('concept_accuracy', float('nan')):.3f}  "
@@ -262,6 +324,10 @@ def main(argv=None) -> int:
     settings = {"date": time.strftime("%Y-%m-%d"), "host": f"{platform.machine()} cpu",
                 "minutes": (time.perf_counter() - t0) / 60, "prompts": len(prompts),
                 "images_per_prompt": args.images_per_prompt, "seed": args.seed, "tables": str(tables)}
+    data_folder = tables / "data"
+    if data_folder.exists():
+        settings["diagnostics"] = {"map_localisation": map_localisation(data_folder),
+                                   "gradient_snr": gradient_snr(model, data_folder)}
     write_json_atomic(Path(args.work) / "summary.json", {"settings": settings, "summary": summary})
     grid_figure(shown, prompts, Path("train/figures/concepts_grid.png"))
     from jaxdiff.steer.concepts import load_table

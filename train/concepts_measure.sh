@@ -11,5 +11,4 @@ $PY -m train.concepts --method lwim --out "$OUT"
 $PY -m train.concepts --method lwim --out "$OUT" --name lwim_no_a --no-suppress
 $PY -m train.concepts --method lwim --out "$OUT" --name lwim_no_b --no-attenuate
 $PY -m train.concepts --method lwim --out "$OUT" --name lwim_no_c --no-weight
-$PY -m train.concepts --method lwim --out "$OUT" --name lwim_noise --target noise
-$PY -m train.concepts_eval --tables "$OUT"
+$PY -m train.concepts_eval --tables "$OUT" --ablation-images-per-prompt 12
