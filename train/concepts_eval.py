@@ -231,7 +231,7 @@ def markdown(summary: dict, settings: dict) -> str:
     lines = [MARK_START, "", f"Measured {settings['date']} by `python -m train.concepts_eval` ({settings['host']}, "
              f"{settings['minutes']:.0f} min): embedded ShapesWorld model, DDIM 30 steps, guidance 7.5, "
              f"{settings['prompts']} prompts, same noise for every method (images per prompt in the table).", "",
-             "| method | images / prompt | deviation ratio (mean of 24 prompts) | on the 18 untrained prompts | "
+             "| method | images / prompt | deviation ratio (mean over the prompts covered) | on the untrained (non-\"a shape\") prompts among them | "
              "per-concept accuracy | shape acc. | background acc. | background PSNR vs unsteered (dB) | images/s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for m, s in summary.items():
