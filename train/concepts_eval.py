@@ -281,6 +281,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="runs/concepts_eval", help="cache of sampled batches and the summary")
     ap.add_argument("--results", default="RESULTS.md")
     ap.add_argument("--no-results", action="store_true", help="do not rewrite RESULTS.md")
+    ap.add_argument("--reuse-diagnostics", action="store_true",
+                    help="take the diagnostics from the last summary.json and skip the figures (a faster re-summary)")
     args = ap.parse_args(argv)
 
     import platform
@@ -325,13 +327,20 @@ def main(argv=None) -> int:
                 "minutes": (time.perf_counter() - t0) / 60, "prompts": len(prompts),
                 "images_per_prompt": args.images_per_prompt, "seed": args.seed, "tables": str(tables)}
     data_folder = tables / "data"
-    if data_folder.exists():
+    previous = Path(args.work) / "summary.json"
+    if args.reuse_diagnostics and previous.exists():
+        settings["diagnostics"] = json.loads(previous.read_text())["settings"].get("diagnostics", {})
+    elif data_folder.exists():
         settings["diagnostics"] = {"map_localisation": map_localisation(data_folder),
                                    "gradient_snr": gradient_snr(model, data_folder)}
     write_json_atomic(Path(args.work) / "summary.json", {"settings": settings, "summary": summary})
-    grid_figure(shown, prompts, Path("train/figures/concepts_grid.png"))
+    if args.reuse_diagnostics:
+        stems = ()
+    else:
+        grid_figure(shown, prompts, Path("train/figures/concepts_grid.png"))
+        stems = (("sdisc", None), ("lwim", 1.0))
     from jaxdiff.steer.concepts import load_table
-    for stem, lowpass in (("sdisc", None), ("lwim", 1.0)):
+    for stem, lowpass in stems:
         if (tables / f"{stem}.json").exists():
             concept_rows_figure(model, load_table(tables / stem), Path(f"train/figures/concepts_{stem}.png"),
                                 lowpass=lowpass)
