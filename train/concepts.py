@@ -344,10 +344,11 @@ def train_table(model, cfg: ConceptConfig, method: str, out: Path, name: str, *,
     lc = dataclasses.replace(mc.loop, seed=cfg.seed + 1)
     batch_fn = training_batches(data, captions, prompts, neutrals, lc.batch, cfg.seed)
     t0 = time.perf_counter()
+    frozen = frozen_arrays(model, captions, hw)     # captions encoded once, for training and the final loss
     state = loop.run(f"{name}", out / f"ckpt_{name}", vectors, make_loss(method, model, mc), batch_fn, lc,
                      config_fingerprint=fingerprint({"method": method, "cfg": cfg, "data": meta["settings"]}),
                      mesh=resolve_mesh(None, lc.batch), stop_after=stop_after, out=None,
-                     frozen=frozen_arrays(model, captions, hw))
+                     frozen=frozen)
     if int(state.step) < lc.steps:
         return None
     seconds = time.perf_counter() - t0
@@ -358,8 +359,7 @@ def train_table(model, cfg: ConceptConfig, method: str, out: Path, name: str, *,
               "vectors": "EMA of the trained vectors", "data": meta.get("summary"),
               "data_images_per_s": meta.get("images_per_s"), "data_settings": meta["settings"],
               "this_process_s": round(seconds, 1),
-              "final_loss_mean": eval_loss(loss_fn, trained, batch_fn, frozen_arrays(model, captions, hw),
-                                           lc.steps)}
+              "final_loss_mean": eval_loss(loss_fn, trained, batch_fn, frozen, lc.steps)}
     if method == "lwim":
         record.update(gamma_a=mc.gamma_a, gamma_h=mc.gamma_h, beta=mc.beta, target=mc.target)
     table = ConceptTable(vectors=np.asarray(trained), names=names, method=method, kind=mod.KIND, h_shape=h_shape,
