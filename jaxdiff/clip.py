@@ -20,7 +20,7 @@ from jaxdiff.attention import attend
 
 Array = jax.Array
 
-_ACTS = ("quick_gelu", "gelu")
+ACTS = ("quick_gelu", "gelu")
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,8 @@ class CLIPTextConfig:
     with_projection: bool = False
 
     def __post_init__(self):
-        if self.hidden_act not in _ACTS:
-            raise ValueError(f"CLIP hidden_act {self.hidden_act!r} unsupported; supported: {list(_ACTS)}")
+        if self.hidden_act not in ACTS:
+            raise ValueError(f"CLIP hidden_act {self.hidden_act!r} unsupported; supported: {list(ACTS)}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"CLIP hidden_size {self.hidden_size} not divisible by "
                              f"num_attention_heads {self.num_attention_heads}")
@@ -56,8 +56,8 @@ class CLIPTextConfig:
         if mt not in ("clip_text_model", "clip"):
             raise ValueError(f"unsupported text encoder model_type {mt!r}; expected 'clip_text_model'")
         act = d.get("hidden_act", "quick_gelu")
-        if act not in _ACTS:
-            raise ValueError(f"unsupported CLIP hidden_act {act!r}; supported: {list(_ACTS)}")
+        if act not in ACTS:
+            raise ValueError(f"unsupported CLIP hidden_act {act!r}; supported: {list(ACTS)}")
         eos = d.get("eos_token_id", 2)
         if eos is None:
             eos = 2
@@ -79,22 +79,29 @@ class CLIPTextConfig:
         )
 
 
-def init_clip_text(mk: nn.Maker, config: CLIPTextConfig) -> dict:
-    c = config
-    d = c.hidden_size
+def init_encoder(mk: nn.Maker, config) -> dict:
+    """The pre-LN transformer stack shared by the text and vision towers (``encoder/layers_N``); ``config`` is
+    either tower's config (``hidden_size``, ``intermediate_size``, ``num_hidden_layers``)."""
+    d, inner = config.hidden_size, config.intermediate_size
 
     def layer():
         return {
             "self_attn": {n: nn.init_dense(mk, d, d) for n in ("q_proj", "k_proj", "v_proj", "out_proj")},
             "layer_norm1": nn.init_norm(mk, d),
-            "mlp": {"fc1": nn.init_dense(mk, d, c.intermediate_size), "fc2": nn.init_dense(mk, c.intermediate_size, d)},
+            "mlp": {"fc1": nn.init_dense(mk, d, inner), "fc2": nn.init_dense(mk, inner, d)},
             "layer_norm2": nn.init_norm(mk, d),
         }
 
+    return {f"layers_{i}": layer() for i in range(config.num_hidden_layers)}
+
+
+def init_clip_text(mk: nn.Maker, config: CLIPTextConfig) -> dict:
+    c = config
+    d = c.hidden_size
     p = {
         "embeddings": {"token_embedding": nn.init_embedding(mk, c.vocab_size, d),
                        "position_embedding": nn.init_embedding(mk, c.max_position_embeddings, d)},
-        "encoder": {f"layers_{i}": layer() for i in range(c.num_hidden_layers)},
+        "encoder": init_encoder(mk, c),
         "final_layer_norm": nn.init_norm(mk, d),
     }
     if c.with_projection:
@@ -102,12 +109,14 @@ def init_clip_text(mk: nn.Maker, config: CLIPTextConfig) -> dict:
     return p
 
 
-def _encoder_layer(p: dict, h: Array, config: CLIPTextConfig) -> Array:
+def encoder_layer(p: dict, h: Array, config, *, causal: bool) -> Array:
+    """One pre-LN CLIP layer (either tower; ``causal`` for text): ``h += out_proj(attn(LN1(h)))``;
+    ``h += fc2(act(fc1(LN2(h))))``."""
     eps = config.layer_norm_eps
     x = nn.layer_norm(p["layer_norm1"], h, eps)
     a = p["self_attn"]
     out, _ = attend(nn.dense(a["q_proj"], x), nn.dense(a["k_proj"], x), nn.dense(a["v_proj"], x),
-                    config.num_attention_heads, causal=True)
+                    config.num_attention_heads, causal=causal)
     h = h + nn.dense(a["out_proj"], out)
     x = nn.layer_norm(p["layer_norm2"], h, eps)
     x = nn.dense(p["mlp"]["fc2"], nn.activation(config.hidden_act)(nn.dense(p["mlp"]["fc1"], x)))
@@ -138,7 +147,7 @@ def apply_clip_text(params: dict, input_ids: Array, *, config: CLIPTextConfig,
     h = jnp.take(emb["token_embedding"]["embedding"], ids, axis=0) + emb["position_embedding"]["embedding"][:t][None]
     hidden = [h]
     for i in range(config.num_hidden_layers):
-        h = _encoder_layer(params["encoder"][f"layers_{i}"], h, config)
+        h = encoder_layer(params["encoder"][f"layers_{i}"], h, config, causal=True)
         hidden.append(h)
     last = nn.layer_norm(params["final_layer_norm"], h, config.layer_norm_eps)
     pooled = jnp.take_along_axis(last, eos_positions(ids, config.eos_token_id)[:, None, None], axis=1)[:, 0]

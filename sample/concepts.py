@@ -27,6 +27,7 @@ from sample.spec import SampleResult, SampleSpec, latent_shape, output_size, sch
 
 SHIPPED = Path(jaxdiff.__file__).resolve().parent / "assets" / "concepts"   # tables for the embedded model
 REFERENCE_CAPTURE = StepCaptureSpec.of((), hspace=True, reduce="stack", cond_only=False)
+SAFETY_GROUP = "safety"   # concepts that remove an attribute: always on when selected, also under --fair
 
 
 def shipped_tables() -> list[str]:
@@ -63,7 +64,8 @@ def parse_concept(text: str) -> tuple[str, float]:
 
 @dataclass(frozen=True)
 class ConceptRequest:
-    """What a run asks of a table: fixed multi-hot concepts, or one concept of ``fair`` per image."""
+    """What a run asks of a table: fixed multi-hot concepts, or one concept of ``fair`` per image (plus any
+    safety concepts, which are on for every image)."""
 
     concepts: tuple[tuple[str, float], ...] = ()
     fair: str | None = None
@@ -72,12 +74,16 @@ class ConceptRequest:
 
     def per_image(self, table: ConceptTable, n_images: int, seed: int) -> tuple[np.ndarray, list[dict]]:
         """(n_images, N) weights and, per image, the concepts it got."""
-        if self.fair is not None and self.concepts:
-            raise ConceptTableError("--fair draws one concept per image: it cannot be combined with --concept")
-        if self.fair is not None:
-            names = fair_assignment(table.group(self.fair), n_images, seed)
-            return np.stack([table.weights({n: 1.0}) for n in names]), [{n: 1.0} for n in names]
         sel = dict(self.concepts)
+        if self.fair is not None:
+            safety = set(table.groups.get(SAFETY_GROUP, ()))
+            other = [n for n in sel if n not in safety]
+            if other:
+                raise ConceptTableError(f"--fair draws one concept per image: only safety concepts (group "
+                                        f"{SAFETY_GROUP!r}) can be added with --concept, not {', '.join(other)}")
+            names = fair_assignment(table.group(self.fair), n_images, seed)
+            per = [{n: 1.0, **sel} if n not in sel else {**sel, n: sel[n] + 1.0} for n in names]
+            return np.stack([table.weights(p) for p in per]), per
         w = table.weights(sel)
         return np.broadcast_to(w, (n_images, len(w))).copy(), [sel] * n_images
 

@@ -1,7 +1,10 @@
-"""``python -m train.concepts``: learn h-space concept tables (SDisc, LWIM) from a frozen model's own images.
+"""``python -m train.concepts``: learn h-space concept tables (SDisc, LWIM from a frozen model's own images;
+RespoDiff from its own predictions, no images).
 
     python -m train.concepts --method sdisc --group colour --out runs/concepts        # embedded ShapesWorld
     python -m train.concepts --method lwim --group colour --out runs/concepts         # same data folder
+    python -m train.concepts --method respodiff --group colour --out runs/concepts    # no data stage
+    python -m train.concepts --method sdisc --group safety --out runs/concepts        # "no-red" -> sdisc_safety
     python -m train.concepts --method sdisc --group gender --model models/sd15 --config gender.json --out runs/g
 
 Two stages, both resumable (re-run the same command after a kill):
@@ -18,6 +21,14 @@ Two stages, both resumable (re-run the same command after a kill):
    data-parallel mesh): the method's loss (:mod:`jaxdiff.steer.sdisc`, :mod:`jaxdiff.steer.lwim`) with only the
    concept vectors trainable, every concept of the group in one step (each row its own concept); the EMA
    vectors are written as the table ``OUT/NAME.safetensors`` + ``OUT/NAME.json`` with the training record.
+   RespoDiff (:mod:`jaxdiff.steer.respodiff`) skips stage 1: its step rolls its own anchors.
+
+Groups: ``colour`` (fairness, one concept per colour) and ``safety`` (``no-red``: a concept that *removes* the
+world's bias colour). A safety concept names its unsafe attribute in ``negatives``: SDisc/LWIM train on images
+generated with it as the negative prompt (Li et al.'s "anti-" vectors; LWIM then regresses the true noise, as
+there is no attribute prompt to distil), RespoDiff's target is ``e(unsafe) + 12 (e(neutral) - e(unsafe))``.
+Groups other than ``colour`` keep their data in ``OUT/data_GROUP`` and name their table ``METHOD_GROUP``;
+``python -m train.concepts_merge`` joins the groups of one method into one table.
 
 A ``--config`` JSON file overrides any field of :class:`ConceptConfig` (e.g. a gender pair on a real SD
 folder: ``{"group": "gender", "concepts": {"female": "woman", "male": "man"}, "templates": ["a photo of a
@@ -49,7 +60,9 @@ SHAPESWORLD_TEMPLATES = ("a {} shape", "a {} shape on grass", "a {} shape on sky
 class MethodConfig:
     """Optimiser (``loop``: train.loop's settings; constant learning rate) and loss settings of one method
     (defaults: the papers' code, methods spec sections 1.2 and 2.2). ``gamma_a`` None / ``gamma_h`` 1 /
-    ``beta`` 0 switch LWIM's (a)/(b)/(c) off."""
+    ``beta`` 0 switch LWIM's (a)/(b)/(c) off. RespoDiff: ``loop.lr`` is RAM's learning rate, ``sam_lr`` SAM's,
+    ``lam`` weights L_sem (0: RAM only), the anchor is a ``rollout_steps`` DDIM trajectory at guidance
+    ``rollout_guidance``, ``target_guidance`` is w of the target (4 for fairness, 12 for safety)."""
 
     loop: LoopConfig
     scale: float = 1.0
@@ -58,6 +71,11 @@ class MethodConfig:
     gamma_h: float = 0.5
     beta: float = 1.0
     target: str = "distill"
+    lam: float = 0.5
+    sam_lr: float = 1e-2
+    rollout_steps: int = 50
+    rollout_guidance: float = 3.0
+    target_guidance: float = 4.0
 
     def with_settings(self, **kw) -> "MethodConfig":
         """A copy with settings replaced; loop settings (steps, batch, lr, ...) go to ``loop``."""
@@ -81,6 +99,7 @@ class ConceptConfig:
 
     group: str = "colour"
     concepts: dict = field(default_factory=lambda: {c: c for c in SHAPESWORLD_COLOURS})
+    negatives: dict = field(default_factory=dict)      # safety concept -> its unsafe prompt
     templates: tuple = SHAPESWORLD_TEMPLATES
     neutral_word: str = ""
     images_per_concept: int = 192
@@ -92,12 +111,35 @@ class ConceptConfig:
     sdisc: MethodConfig = MethodConfig(constant_lr(400, 48, 0.1))
     lwim: MethodConfig = MethodConfig(constant_lr(250, 48, 1e-2, weight_decay=0.01, clip_norm=1.0), scale=2.0,
                                       rows="both")
+    # the race concept set's learning rates (RAM 1e-1, SAM 1e-2; the reference's gender/safety runs use 1e-2 with
+    # 5000 steps at batch 1); batch 6 = one row per colour (each row's anchor rollout costs up to 49 guided steps)
+    respodiff: MethodConfig = MethodConfig(constant_lr(150, 6, 1e-1, save_every=25))
 
     def data_settings(self) -> dict:
         """What determines the data folder's contents (a resume with other values is refused)."""
         keys = ("group", "concepts", "templates", "neutral_word", "images_per_concept", "steps", "guidance", "seed",
                 "batch", "judge_filter")
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items() if k in keys}
+        out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items() if k in keys}
+        if self.negatives:                 # absent for groups without them: older data folders stay valid
+            out["negatives"] = dict(self.negatives)
+        return out
+
+    def data_folder(self, out: Path) -> Path:
+        return out / ("data" if self.group == "colour" else f"data_{self.group}")
+
+    def table_name(self, method: str) -> str:
+        return method if self.group == "colour" else f"{method}_{self.group}"
+
+
+def safety_preset() -> ConceptConfig:
+    """``no-red`` on ShapesWorld: remove the bias colour from the neutral prompts."""
+    base = ConceptConfig()
+    return ConceptConfig(group="safety", concepts={"no-red": ""}, negatives={"no-red": "red"},
+                         lwim=base.lwim.with_settings(target="noise"),
+                         respodiff=base.respodiff.with_settings(target_guidance=12.0))
+
+
+PRESETS = {"colour": ConceptConfig, "safety": safety_preset}
 
 
 class ConceptCLIError(ValueError):
@@ -105,7 +147,8 @@ class ConceptCLIError(ValueError):
 
 
 def read_config(path: str | None, overrides: dict) -> ConceptConfig:
-    cfg = ConceptConfig()
+    """The group's preset (``colour`` by default), then the ``--config`` file, then ``overrides``."""
+    cfg = PRESETS.get(overrides.get("group") or "colour", ConceptConfig)()
     raw: dict = {}
     if path:
         try:
@@ -119,7 +162,7 @@ def read_config(path: str | None, overrides: dict) -> ConceptConfig:
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConceptCLIError(f"--config: unknown settings {unknown}; known: {sorted(known)}")
-    for m in ("sdisc", "lwim"):
+    for m in METHODS:
         if m in raw:
             raw[m] = getattr(cfg, m).with_settings(**raw[m])
     if "templates" in raw:
@@ -127,6 +170,9 @@ def read_config(path: str | None, overrides: dict) -> ConceptConfig:
     cfg = dataclasses.replace(cfg, **raw)
     if not cfg.concepts or any("{}" not in t for t in cfg.templates):
         raise ConceptCLIError("the config needs concepts and templates that each contain '{}' for the word")
+    unknown = sorted(set(cfg.negatives) - set(cfg.concepts))
+    if unknown:
+        raise ConceptCLIError(f"--config: negatives name unknown concepts {unknown}")
     return cfg
 
 
@@ -141,7 +187,7 @@ def data_items(cfg: ConceptConfig) -> list[dict]:
         for j in range(cfg.images_per_concept):
             tpl = cfg.templates[j % len(cfg.templates)]
             items.append({"concept": name, "label": label, "word": word, "prompt": neutral_caption(tpl, word),
-                          "neutral": neutral_caption(tpl, cfg.neutral_word)})
+                          "neutral": neutral_caption(tpl, cfg.neutral_word), "negative": cfg.negatives.get(name, "")})
     return items
 
 
@@ -164,9 +210,12 @@ def attribute_maps(aux_attn: dict, token_masks: np.ndarray, latent_hw: tuple[int
 
 
 def token_mask(tok, prompt: str, word: str) -> np.ndarray:
-    """(77,) bool: the positions of ``word``'s tokens in ``prompt`` (BOS at 0)."""
+    """(77,) bool: the positions of ``word``'s tokens in ``prompt`` (BOS at 0); none for an empty word (a safety
+    concept's prompt names no attribute)."""
     from sample.heatmap import word_token_indices
     m = np.zeros(77, bool)
+    if not word:
+        return m
     try:
         m[word_token_indices(tok, prompt, word)] = True
     except ValueError:
@@ -222,7 +271,9 @@ def generate_data(model, cfg: ConceptConfig, folder: Path, *, log=functools.part
         idx = list(range(k * cfg.batch, k * cfg.batch + len(chunk))) + [k * cfg.batch] * pad
         prompts = [it["prompt"] for it in chunk] + [chunk[0]["prompt"]] * pad
         noise = caption_noise(model, spec, cfg.seed, idx)
-        res = txt2img(model, prompts, spec=spec, seed=cfg.seed, init_latents=noise, capture=capture)
+        negatives = [it["negative"] for it in chunk] + [chunk[0]["negative"]] * pad
+        res = txt2img(model, prompts, spec=spec, seed=cfg.seed, init_latents=noise, capture=capture,
+                      negative_prompts=negatives if any(negatives) else None)
         masks = np.stack([token_mask(tok, it["prompt"], it["word"]) for it in chunk])
         maps = attribute_maps({s: a[:len(chunk)] for s, a in res.aux["attn"].items()}, masks, latent_hw)
         images = np.asarray(res.images)[:len(chunk)]
@@ -284,9 +335,12 @@ def frozen_arrays(model, captions: list[str], spec_hw: tuple[int, int]) -> dict:
     return frozen
 
 
+METHODS = ("sdisc", "lwim", "respodiff")
+
+
 def method_module(method: str):
-    from jaxdiff.steer import lwim, sdisc
-    return {"sdisc": sdisc, "lwim": lwim}[method]
+    from jaxdiff.steer import lwim, respodiff, sdisc
+    return {"sdisc": sdisc, "lwim": lwim, "respodiff": respodiff}[method]
 
 
 def make_loss(method: str, model, mc: MethodConfig):
@@ -328,9 +382,11 @@ def train_table(model, cfg: ConceptConfig, method: str, out: Path, name: str, *,
     from train import loop
     from train.config import fingerprint
 
+    if method == "respodiff":
+        return train_respodiff(model, cfg, out, name, stop_after=stop_after, log=log)
     mc: MethodConfig = getattr(cfg, method)
-    meta = json.loads((out / "data" / "data.json").read_text())
-    data = load_data(out / "data")
+    meta = json.loads((cfg.data_folder(out) / "data.json").read_text())
+    data = load_data(cfg.data_folder(out))
     items = data_items(cfg)
     by_index = [items[int(i)] for i in data["index"]]
     prompts, neutrals = [it["prompt"] for it in by_index], [it["neutral"] for it in by_index]
@@ -370,6 +426,118 @@ def train_table(model, cfg: ConceptConfig, method: str, out: Path, name: str, *,
     return st
 
 
+@dataclass(frozen=True)
+class RespoDiffUpdate:
+    """:class:`train.loop.Update` of RespoDiff: its alternating two-optimizer step."""
+
+    unet: object
+    cfg: object                      # jaxdiff.steer.respodiff.RespoDiffTraining
+    latent_shape: tuple
+
+    def init(self, params):
+        from jaxdiff.steer.respodiff import init_opt_state
+        return init_opt_state(params, self.cfg)
+
+    def apply(self, params, opt_state, batch, key, frozen):
+        from jaxdiff.steer.respodiff import train_step
+        return train_step(params, opt_state, batch, key, frozen, unet=self.unet, cfg=self.cfg,
+                          latent_shape=self.latent_shape)
+
+
+def respodiff_captions(cfg: ConceptConfig) -> list[dict]:
+    """Per (concept, template): the neutral prompt the anchor follows, and the target's ``pos``/``base`` prompts
+    and guidance (fairness: attribute prompt over ""; safety: neutral prompt over the unsafe one)."""
+    mc = cfg.respodiff
+    rows = []
+    for label, (name, word) in enumerate(cfg.concepts.items()):
+        for tpl in cfg.templates:
+            neutral = neutral_caption(tpl, cfg.neutral_word)
+            if name in cfg.negatives:
+                rows.append({"label": label, "neutral": neutral, "pos": neutral, "base": cfg.negatives[name],
+                             "w": mc.target_guidance})
+            else:
+                rows.append({"label": label, "neutral": neutral, "pos": neutral_caption(tpl, word), "base": "",
+                             "w": mc.target_guidance})
+    return rows
+
+
+def respodiff_batches(rows: list[dict], captions: list[str], n_concepts: int, batch: int, seed: int):
+    """``batch_fn(step)``: concepts in turn (row r of step s gets concept (s B + r) mod N), a random template."""
+    index = {c: i for i, c in enumerate(captions)}
+    by_label = [[r for r in rows if r["label"] == k] for k in range(n_concepts)]
+
+    def batch_fn(step: int) -> dict:
+        rng = np.random.default_rng([seed, step])
+        picked = []
+        for r in range(batch):
+            options = by_label[(step * batch + r) % n_concepts]
+            picked.append(options[rng.integers(len(options))])
+        return {"label": np.array([p["label"] for p in picked], np.int32),
+                "neutral": np.array([index[p["neutral"]] for p in picked], np.int32),
+                "uncond": np.full(batch, index[""], np.int32),
+                "pos": np.array([index[p["pos"]] for p in picked], np.int32),
+                "base": np.array([index[p["base"]] for p in picked], np.int32),
+                "w": np.array([p["w"] for p in picked], np.float32)}
+    return batch_fn
+
+
+def train_respodiff(model, cfg: ConceptConfig, out: Path, name: str, *, stop_after: int | None = None,
+                    log=print) -> Path | None:
+    """RespoDiff on its own anchors (no data folder); writes ``out/NAME`` with ``ram + sam`` per concept."""
+    import jax
+
+    from jaxdiff.schedulers import make_schedule
+    from jaxdiff.schedulers.config import DDIM
+    from jaxdiff.steer import respodiff
+    from jaxdiff.steer.concepts import ConceptTable, h_shape_of, save_table
+    from sample.sharding import resolve_mesh
+    from sample.spec import SampleSpec, latent_shape, output_size, scheduler_config
+    from train import loop
+    from train.config import fingerprint
+
+    mc: MethodConfig = cfg.respodiff
+    rcfg = respodiff.RespoDiffTraining(lam=mc.lam, ram_lr=mc.loop.lr, sam_lr=mc.sam_lr,
+                                       rollout_guidance=mc.rollout_guidance)
+    rows = respodiff_captions(cfg)
+    captions = sorted({r[k] for r in rows for k in ("neutral", "pos", "base")} | {""})
+    hw = output_size(model, SampleSpec(steps=cfg.steps, guidance=cfg.guidance))
+    lat = latent_shape(model, *hw)
+    h_shape = h_shape_of(model.params["unet"], model.configs["unet"], lat[:2])
+    names = tuple(cfg.concepts)
+    modules = respodiff.init_modules(len(names), h_shape)
+    lc = dataclasses.replace(mc.loop, seed=cfg.seed + 1)
+    batch_fn = respodiff_batches(rows, captions, len(names), lc.batch, cfg.seed)
+    t0 = time.perf_counter()
+    frozen = frozen_arrays(model, captions, hw)
+    frozen["schedule"] = make_schedule(scheduler_config(model, DDIM), mc.rollout_steps)
+    update = RespoDiffUpdate(model.configs["unet"], rcfg, tuple(lat))
+    state = loop.run(name, out / f"ckpt_{name}", modules, None, batch_fn, lc, update=update, frozen=frozen,
+                     config_fingerprint=fingerprint({"method": "respodiff", "cfg": cfg,
+                                                     "model": model.manifest.get("source_sha256")}),
+                     mesh=resolve_mesh(None, lc.batch), stop_after=stop_after, out=None)
+    if int(state.step) < lc.steps:
+        return None
+    seconds = time.perf_counter() - t0
+    trained = loop.trained_ema(name, out / f"ckpt_{name}", modules, lc, update)
+    step = jax.jit(update.apply)
+    opt = update.init(trained)
+    finals = [step(trained, opt, batch_fn(lc.steps + k), jax.random.PRNGKey(1000 + k), frozen)[3]
+              for k in range(4)]
+    record = {"method": "respodiff", "steps": lc.steps, "batch": lc.batch, "ram_lr": lc.lr, "sam_lr": mc.sam_lr,
+              "lam": mc.lam, "optimizer": "adam (two, alternating)", "rollout_steps": mc.rollout_steps,
+              "rollout_guidance": mc.rollout_guidance, "target_guidance": mc.target_guidance,
+              "negatives": dict(cfg.negatives), "templates": list(cfg.templates),
+              "vectors": "EMA of ram + sam", "this_process_s": round(seconds, 1),
+              "final_l_resp_mean": round(float(np.mean([f["l_resp"] for f in finals])), 6),
+              "final_l_sem_mean": round(float(np.mean([f["l_sem"] for f in finals])), 6)}
+    table = ConceptTable(vectors=respodiff.table_vectors(trained), names=names, method="respodiff",
+                         kind=respodiff.KIND, h_shape=h_shape, groups={cfg.group: names}, scale=mc.scale,
+                         rows=mc.rows, model_sha256=model.manifest.get("source_sha256"), training=record)
+    st, _ = save_table(out / name, table)
+    log(f"wrote {st} and {st.with_suffix('.json')}")
+    return st
+
+
 def eval_loss(loss_fn, vectors, batch_fn, frozen, step0: int, n: int = 4) -> float:
     """Mean loss of the trained vectors over ``n`` fresh batches (fixed keys)."""
     import jax
@@ -381,7 +549,7 @@ def eval_loss(loss_fn, vectors, batch_fn, frozen, step0: int, n: int = 4) -> flo
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="python -m train.concepts", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--method", required=True, choices=("sdisc", "lwim"))
+    ap.add_argument("--method", required=True, choices=METHODS)
     ap.add_argument("--group", help="concept group name (default: colour, or the config's)")
     ap.add_argument("--out", required=True, help="folder for data/, checkpoints and the table")
     ap.add_argument("--name", help="table name (default: the method)")
@@ -395,13 +563,14 @@ def parse_args(argv):
     ap.add_argument("--gamma-a", type=float, help="LWIM suppression probability scale")
     ap.add_argument("--gamma-h", type=float, help="LWIM h attenuation")
     ap.add_argument("--beta", type=float, help="LWIM loss-weight strength")
+    ap.add_argument("--lam", type=float, help="RespoDiff weight of the semantic loss (0: RAM only)")
     ap.add_argument("--data-only", action="store_true", help="generate the data set and stop")
     return ap.parse_args(argv)
 
 
 def method_overrides(args) -> dict:
     o = {"steps": args.steps, "target": args.target, "gamma_a": args.gamma_a, "gamma_h": args.gamma_h,
-         "beta": args.beta}
+         "beta": args.beta, "lam": args.lam}
     o = {k: v for k, v in o.items() if v is not None}
     if args.no_suppress:
         o["gamma_a"] = None
@@ -415,8 +584,18 @@ def method_overrides(args) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        if args.method == "sdisc" and (args.no_suppress or args.no_attenuate or args.no_weight or args.target):
-            raise ConceptCLIError("--no-suppress/--no-attenuate/--no-weight/--target are LWIM switches")
+        lwim_only = (args.no_suppress, args.no_attenuate, args.no_weight, args.target, args.gamma_a is not None,
+                     args.gamma_h is not None, args.beta is not None)
+        if args.method != "lwim" and any(lwim_only):
+            raise ConceptCLIError("--no-suppress/--no-attenuate/--no-weight/--target/--gamma-a/--gamma-h/--beta are "
+                                  "LWIM switches")
+        if args.method != "respodiff" and args.lam is not None:
+            raise ConceptCLIError("--lam is a RespoDiff setting")
+        if args.method == "respodiff" and args.data_only:
+            raise ConceptCLIError("--data-only: RespoDiff has no data stage (it trains on its own predictions)")
+        if args.group and args.group not in PRESETS and not args.config:
+            raise ConceptCLIError(f"--group {args.group!r} has no preset ({', '.join(PRESETS)}); describe its "
+                                  "concepts and templates with --config")
         cfg = read_config(args.config, {"group": args.group})
         mc = getattr(cfg, args.method).with_settings(**method_overrides(args))
         cfg = dataclasses.replace(cfg, **{args.method: mc})
@@ -426,9 +605,10 @@ def main(argv=None) -> int:
         except CLIError as e:
             raise ConceptCLIError(str(e)) from None
         out = Path(args.out)
-        generate_data(model, cfg, out / "data")
+        if args.method != "respodiff":
+            generate_data(model, cfg, cfg.data_folder(out))
         if not args.data_only:
-            train_table(model, cfg, args.method, out, args.name or args.method)
+            train_table(model, cfg, args.method, out, args.name or cfg.table_name(args.method))
     except ConceptCLIError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -49,6 +49,10 @@ def method_rows(tables: Path) -> list[tuple[str, str | None, float | None]]:
         if (tables / f"{stem}.json").exists():
             name = stem if stem == "sdisc" else f"{stem}{'' if lowpass else '_nolowpass'}"
             rows.append((name, stem, lowpass))
+    known = {stem for _, stem, _ in rows}
+    for extra in sorted(tables.glob("lwim_*.json")):   # further LWIM settings (e.g. a gamma_a sweep), low-pass on
+        if extra.stem not in known:
+            rows.append((extra.stem, extra.stem, 1.0))
     rows.append(("lowpass_only", None, 1.0))
     rows.append(("oracle_h", ORACLE, None))
     return rows

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -64,21 +64,38 @@ def optimizer(cfg: LoopConfig) -> optax.GradientTransformation:
                        optax.add_decayed_weights(cfg.weight_decay), optax.scale_by_learning_rate(schedule))
 
 
-def init_state(params, cfg: LoopConfig) -> TrainState:
+class Update(Protocol):
+    """A method's own update rule in place of :func:`train_step`'s gradient + AdamW, for methods that are not
+    one loss under one optimizer (RespoDiff: two modules, two optimizers, alternating). The loop keeps the
+    step count, key, EMA, checkpoints and progress. Must be hashable (a frozen dataclass): it keys the
+    compiled-step cache."""
+
+    def init(self, params) -> Any:
+        """The optimizer state of ``params`` (arrays or shape structs under ``jax.eval_shape``)."""
+
+    def apply(self, params, opt_state, batch: dict, key: Array, *frozen) -> tuple[Any, Any, Array, dict]:
+        """``(new params, new opt_state, loss, metrics)`` of one step."""
+
+
+def _opt_init(params, cfg: LoopConfig, update: Update | None):
+    return optimizer(cfg).init(ravel_pytree(params)[0]) if update is None else update.init(params)
+
+
+def init_state(params, cfg: LoopConfig, update: Update | None = None) -> TrainState:
     """The step-0 state as host arrays (numpy throughout: eager JAX ops would each compile a small program).
     The run key is the raw threefry key of ``cfg.seed``, i.e. ``jax.random.PRNGKey(seed)`` = [0, seed]."""
     params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
     flat = flatten(params)
-    opt_state = jax.device_get(jax.jit(optimizer(cfg).init)(flat))
+    opt_state = jax.device_get(jax.jit(functools.partial(_opt_init, cfg=cfg, update=update))(params))
     return TrainState(np.zeros((), np.int32), params, opt_state, flat.copy(), np.array([0, cfg.seed], np.uint32))
 
 
-def abstract_state(params, cfg: LoopConfig) -> TrainState:
+def abstract_state(params, cfg: LoopConfig, update: Update | None = None) -> TrainState:
     """Shapes and dtypes of :func:`init_state` (the restore template), computed without any arrays."""
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.float32), params)
     flat = jax.ShapeDtypeStruct((sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)),), np.float32)
-    return TrainState(jax.ShapeDtypeStruct((), np.int32), params, jax.eval_shape(optimizer(cfg).init, flat), flat,
-                      jax.ShapeDtypeStruct((2,), np.uint32))
+    opt = jax.eval_shape(functools.partial(_opt_init, cfg=cfg, update=update), params)
+    return TrainState(jax.ShapeDtypeStruct((), np.int32), params, opt, flat, jax.ShapeDtypeStruct((2,), np.uint32))
 
 
 def flatten(params) -> np.ndarray:
@@ -106,8 +123,8 @@ def ema_decay(step: Array, decay: float) -> Array:
     return jnp.minimum(decay, (1.0 + s) / (10.0 + s))
 
 
-def train_step(state: TrainState, batch: dict, frozen=None, *, loss_fn: Callable,
-               cfg: LoopConfig) -> tuple[TrainState, dict]:
+def train_step(state: TrainState, batch: dict, frozen=None, *, loss_fn: Callable | None,
+               cfg: LoopConfig, update: Update | None = None) -> tuple[TrainState, dict]:
     """One optimizer step. ``loss_fn(params, batch, key) -> (loss, metrics)``; key = fold_in(run key, step).
     With ``frozen`` (arrays the loss reads but never trains, e.g. a frozen UNet under trainable concept
     vectors; replicated over the mesh, passed as an argument rather than baked into the program as constants)
@@ -116,9 +133,17 @@ def train_step(state: TrainState, batch: dict, frozen=None, *, loss_fn: Callable
     The optimizer and the EMA run on one flat vector of all parameters (a "flat buffer", as fused/foreach
     optimizers do): a few large element-wise ops instead of a dozen per leaf. For these models that cuts XLA
     compile time of the step by ~1/3 and the per-step overhead on CPU; the arithmetic is the same per element.
+
+    With ``update`` (:class:`Update`) the method's own rule replaces the gradient and AdamW (``loss_fn`` unused).
     """
     key = jax.random.fold_in(state.key, state.step)
     extra = () if frozen is None else (frozen,)
+    if update is not None:
+        params, opt_state, loss, metrics = update.apply(state.params, state.opt_state, batch, key, *extra)
+        flat, _ = ravel_pytree(params)
+        d = ema_decay(state.step, cfg.ema_decay)
+        ema = state.ema + (1.0 - d) * (flat - state.ema)
+        return TrainState(state.step + 1, params, opt_state, ema, state.key), dict(metrics, loss=loss)
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key, *extra)
     flat, unravel = ravel_pytree(state.params)
     decayable, _ = ravel_pytree(jax.tree.map(lambda x: x if x.ndim >= 2 else jnp.zeros_like(x), state.params))
@@ -132,11 +157,11 @@ def train_step(state: TrainState, batch: dict, frozen=None, *, loss_fn: Callable
 
 
 @functools.lru_cache(maxsize=16)
-def compiled_step(loss_fn: Callable, cfg: LoopConfig, mesh: Mesh | None):
+def compiled_step(loss_fn: Callable | None, cfg: LoopConfig, mesh: Mesh | None, update: Update | None = None):
     """``train_step`` jitted for one (loss, loop config, mesh); cached so repeated runs in one process (resume
     tests) reuse the compiled program. ``loss_fn`` must be hashable (a module function or a partial of one over
     hashable arguments is compared by identity, so build it once per stage config)."""
-    fn = functools.partial(train_step, loss_fn=loss_fn, cfg=cfg)
+    fn = functools.partial(train_step, loss_fn=loss_fn, cfg=cfg, update=update)
     if mesh is None:
         return jax.jit(fn)
     rep, data = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec(BATCH))
@@ -221,25 +246,25 @@ class Progress:
 
 def run(name: str, directory: str | Path, params, loss_fn: Callable, batch_fn: Callable[[int], dict],
         cfg: LoopConfig, *, config_fingerprint: str, mesh: Mesh | None = None, stop_after: int | None = None,
-        out=None, frozen=None) -> TrainState:
+        out=None, frozen=None, update: Update | None = None) -> TrainState:
     """Train from the latest checkpoint in ``directory`` (or from ``params``) to ``cfg.steps``.
 
     ``batch_fn(step)`` returns the host batch of that step. Saves every ``cfg.save_every`` steps and at the end.
     ``stop_after`` returns after that many total steps *without* a final save (a kill, for tests).
-    ``frozen``: see :func:`train_step` (placed on the device once, replicated over the mesh).
-    Returns the final state (EMA as a params tree: :func:`ema_params`).
+    ``frozen``: see :func:`train_step` (placed on the device once, replicated over the mesh); ``update``: a
+    method's own update rule (:class:`Update`). Returns the final state (EMA as a params tree: :func:`ema_params`).
     """
     manager = checkpoint_manager(directory, cfg)
     full_fp = fingerprint({"stage": name, "loop": fingerprint(cfg), "config": config_fingerprint})
     if manager.latest_step() is None:
-        state = init_state(params, cfg)
+        state = init_state(params, cfg, update)
     else:
-        state, meta = restore(manager, abstract_state(params, cfg))
+        state, meta = restore(manager, abstract_state(params, cfg, update))
         if meta.get("fingerprint") != full_fp:
             raise ResumeError(f"{directory}: checkpoint was written by a different {name!r} configuration; "
                               "use a new --workdir (or delete this one) to train with the new settings")
         print(f"[{name}] resumed at step {int(state.step)} from {directory}", file=out or sys.stdout, flush=True)
-    step_fn = compiled_step(loss_fn, cfg, mesh)
+    step_fn = compiled_step(loss_fn, cfg, mesh, update)
     if frozen is not None:
         frozen = jax.device_put(frozen, NamedSharding(mesh, PartitionSpec()) if mesh is not None else None)
     progress = Progress(name, cfg.steps, cfg.log_every, out)
@@ -257,13 +282,13 @@ def run(name: str, directory: str | Path, params, loss_fn: Callable, batch_fn: C
     return state
 
 
-def trained_ema(name: str, directory: str | Path, template, cfg: LoopConfig):
+def trained_ema(name: str, directory: str | Path, template, cfg: LoopConfig, update: Update | None = None):
     """The EMA params of a finished stage as host arrays shaped like ``template`` (arrays or shape structs);
     raises if the stage has not reached ``cfg.steps``."""
     manager = checkpoint_manager(directory, cfg)
     if manager.latest_step() != cfg.steps:
         raise RuntimeError(f"{name}: {directory} has no finished checkpoint (latest step "
                            f"{manager.latest_step()}, want {cfg.steps})")
-    state, _ = restore(manager, abstract_state(template, cfg))
+    state, _ = restore(manager, abstract_state(template, cfg, update))
     manager.close()
     return ema_params(state, template)

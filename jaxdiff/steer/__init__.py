@@ -4,7 +4,9 @@
 * :mod:`jaxdiff.steer.objective`: the frozen-model diffusion objective the concept methods train with;
 * :mod:`jaxdiff.steer.sdisc`: Li et al., CVPR 2024 (self-discovered spatial h-space vectors);
 * :mod:`jaxdiff.steer.lwim`: LWIM, TMLR 2026 (attribute suppression, h attenuation, weighted loss, low-pass
-  h re-injection).
+  h re-injection);
+* :mod:`jaxdiff.steer.respodiff`: RespoDiff, NeurIPS 2025 (two modules, score matching on the steered neutral
+  trajectory, alternating optimizers).
 
 Method code imports the core (``jaxdiff``), never ``sample`` or ``train``.
 """

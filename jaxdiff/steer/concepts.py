@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -188,6 +189,31 @@ def concept_steering(table: ConceptTable, weights, *, scale: float | None = None
     return Steering(edits=concept_edits(jnp.asarray(table.vectors), weights,
                                         table.scale if scale is None else scale,
                                         rows=table.rows if rows is None else rows, guided=guided))
+
+
+def merge_tables(*tables: ConceptTable) -> ConceptTable:
+    """One table holding the concepts and groups of several tables of one method and model (e.g. a fairness
+    group and a safety group trained separately); the training records are kept per group."""
+    first = tables[0]
+    for t in tables[1:]:
+        for attr in ("method", "kind", "h_shape", "scale", "rows", "model_sha256"):
+            if getattr(t, attr) != getattr(first, attr):
+                raise ConceptTableError(f"cannot merge concept tables with different {attr}: "
+                                        f"{getattr(first, attr)!r} vs {getattr(t, attr)!r}")
+    names = [n for t in tables for n in t.names]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConceptTableError(f"cannot merge concept tables: concepts {dup} occur twice")
+    groups, training = {}, {}
+    for t in tables:
+        for g, members in t.groups.items():
+            if g in groups:
+                raise ConceptTableError(f"cannot merge concept tables: group {g!r} occurs twice")
+            groups[g] = tuple(members)
+        by_group = t.training.get("groups") if "groups" in t.training else {g: dict(t.training) for g in t.groups}
+        training.update(by_group)
+    return dataclasses.replace(first, vectors=np.concatenate([np.asarray(t.vectors, np.float32) for t in tables]),
+                               names=tuple(names), groups=groups, training={"groups": training})
 
 
 def fair_assignment(members: Sequence[str], n_images: int, seed: int) -> list[str]:
