@@ -288,9 +288,10 @@ def parse_args(argv) -> argparse.Namespace:
     ap.add_argument("--init-latents", help="start from these latents (.npy, diffusers (B, 4, H/8, W/8) layout)")
     ap.add_argument("--heatmap", metavar="WORD", help="write a cross-attention heat map of this prompt word")
     ap.add_argument("--concepts", metavar="PATH|NAME",
-                    help="a concept table (NAME.safetensors + NAME.json) or a shipped one: sdisc, lwim")
+                    help="a concept table (NAME.safetensors + NAME.json) or a shipped one: sdisc, lwim, respodiff")
     ap.add_argument("--concept", action="append", metavar="NAME[=SCALE]",
-                    help="add this concept to every image (repeatable: multi-hot composition)")
+                    help="add this concept to every image (repeatable: multi-hot composition); safety concepts "
+                         "(e.g. no-red) may be added to --fair")
     ap.add_argument("--fair", metavar="GROUP", help="one concept of GROUP per image, balanced over the images")
     ap.add_argument("--concept-scale", type=float, help="strength of the concept vectors (default: the table's)")
     ap.add_argument("--concept-rows", choices=("cond", "both"),

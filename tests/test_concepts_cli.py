@@ -51,7 +51,7 @@ def test_fair_run_records_and_reproduces(table, tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--concept", "pink"], "unknown concept 'pink'; this sdisc table has: red, green, blue"),
     (["--fair", "gender"], "unknown concept group 'gender'; this sdisc table has: colour"),
-    (["--fair", "colour", "--concept", "red"], "--fair draws one concept per image: it cannot be combined with"),
+    (["--fair", "colour", "--concept", "red"], "--fair draws one concept per image: only safety concepts"),
     (["--concept", "red=strong"], "--concept 'red=strong': scale 'strong' is not a number"),
     (["--concept", "red=inf"], "scale must be finite"),
     (["--height", "64", "--width", "64", "--concept", "red"], "h-space at this size is (16, 16, 64)"),
@@ -89,12 +89,14 @@ def test_sizes_follow_the_vae_factor_and_unknown_words_warn(tmp_path, capsys):
     assert code == 2 and "multiple of 4" in err
 
 
-@pytest.mark.parametrize("name", ["sdisc", "lwim"])
+@pytest.mark.parametrize("name", ["sdisc", "lwim", "respodiff"])
 def test_shipped_tables_work_with_the_embedded_model(name, tmp_path, capsys):
+    """Every shipped table: fair colour + the always-on safety concept no-red, from a fresh install."""
     code, err = run_cli(capsys, "--prompt", "a shape on grass", "--concepts", name, "--fair", "colour",
-                        "--num-images", "6", "--out", str(tmp_path / name))
+                        "--concept", "no-red", "--num-images", "6", "--out", str(tmp_path / name))
     assert code == 0, err
     side = json.loads((tmp_path / name / "run.json").read_text())
     assert sorted(next(iter(im["concepts"])) for im in side["images"]) == sorted(
         ["red", "orange", "yellow", "green", "blue", "purple"])
+    assert all(im["concepts"]["no-red"] == 1.0 for im in side["images"])
     assert side["concept_table"]["method"] == name and "warning" not in err

@@ -1,4 +1,5 @@
-"""Measure h-space concept methods on ShapesWorld (issue 12): fairness, fidelity, background consistency, cost.
+"""Measure h-space concept methods on ShapesWorld (issues 12, 13): fairness, fidelity, background consistency,
+safety, cost.
 
     python -m train.concepts_eval --tables runs/concepts            # every table there + the baseline
     python -m train.concepts_eval --tables runs/concepts --images-per-prompt 12 --no-results   # a quick look
@@ -16,6 +17,10 @@ the deviation ratio of those colours per prompt (mean over prompts), per-concept
 concept's colour), shape and background accuracy of the caption checks, background PSNR against the unsteered
 image of the same noise (outside both images' object masks; per-image values capped at 60 dB, then averaged),
 and sampling images/s. Results are cached per method and batch (``--work``), so an interrupted run resumes.
+
+Safety (each method's ``no-red`` on every image): the 24 prompts above, the same naming red ("a red circle on
+sand"), and the same naming another colour (cycled): red rate (largest object red) per set, shape/background
+accuracy, colour accuracy where the prompt names a colour, background PSNR against the unsteered image.
 """
 
 from __future__ import annotations
@@ -41,17 +46,23 @@ def fairness_prompts() -> list[str]:
     return [f"a {s}" + (f" on {bg}" if bg else "") for s in SHAPE_WORDS for bg in (None, *BACKGROUNDS)]
 
 
+def has_group(tables: Path, stem: str, group: str) -> bool:
+    p = tables / f"{stem}.json"
+    return p.exists() and group in json.loads(p.read_text()).get("groups", {})
+
+
 # method name -> (table file stem under --tables or None, low-pass weight or None)
 def method_rows(tables: Path) -> list[tuple[str, str | None, float | None]]:
     rows = [("baseline", None, None)]
-    for stem, lowpass in (("sdisc", None), ("lwim", 1.0), ("lwim", None), ("lwim_no_a", 1.0), ("lwim_no_b", 1.0),
-                          ("lwim_no_c", 1.0), ("lwim_noise", 1.0)):
-        if (tables / f"{stem}.json").exists():
-            name = stem if stem == "sdisc" else f"{stem}{'' if lowpass else '_nolowpass'}"
+    for name, stem, lowpass in (("sdisc", "sdisc", None), ("lwim", "lwim", 1.0), ("lwim_nolowpass", "lwim", None),
+                                ("respodiff", "respodiff", None), ("respodiff_lam0", "respodiff_lam0", None),
+                                ("lwim_no_a", "lwim_no_a", 1.0), ("lwim_no_b", "lwim_no_b", 1.0),
+                                ("lwim_no_c", "lwim_no_c", 1.0), ("lwim_noise", "lwim_noise", 1.0)):
+        if has_group(tables, stem, "colour"):
             rows.append((name, stem, lowpass))
     known = {stem for _, stem, _ in rows}
     for extra in sorted(tables.glob("lwim_*.json")):   # further LWIM settings (e.g. a gamma_a sweep), low-pass on
-        if extra.stem not in known:
+        if extra.stem not in known and has_group(tables, extra.stem, "colour"):
             rows.append((extra.stem, extra.stem, 1.0))
     rows.append(("lowpass_only", None, 1.0))
     rows.append(("oracle_h", ORACLE, None))
@@ -59,6 +70,24 @@ def method_rows(tables: Path) -> list[tuple[str, str | None, float | None]]:
 
 
 ORACLE = "oracle"   # not a table: every h replaced by that of the run whose prompt names the assigned colour
+SAFETY_CONCEPT = "no-red"
+
+
+def safety_rows(tables: Path) -> list[tuple[str, str | None, float | None]]:
+    """Each method's ``no-red`` (tables ``METHOD_safety``; LWIM with its low-pass re-injection)."""
+    rows = [("baseline", None, None)]
+    for method, lowpass in (("sdisc", None), ("lwim", 1.0), ("respodiff", None)):
+        if has_group(tables, f"{method}_safety", "safety"):
+            rows.append((f"{method}_no_red", f"{method}_safety", lowpass))
+    return rows
+
+
+def safety_prompt_sets() -> dict[str, list[str]]:
+    """The 24 neutral prompts, the same naming red, and the same naming another colour (cycled)."""
+    neutral = fairness_prompts()
+    others = [c for c in COLOURS if c != "red"]
+    return {"neutral": neutral, "red": [coloured(p, "red") for p in neutral],
+            "other": [coloured(p, others[k % len(others)]) for k, p in enumerate(neutral)]}
 
 
 def coloured(prompt: str, colour: str) -> str:
@@ -75,14 +104,16 @@ def judge_one(image: np.ndarray, prompt: str) -> dict:
     score = score_caption(image, prompt, detection=det)
     main = max(det.objects, key=lambda o: o.area) if det.objects else None
     return {"colour": None if main is None else main.colour, "objects": len(det.objects),
+            "colour_ok": score.checks["colour"].passed if "colour" in score.checks else None,
             "shape_ok": score.checks["shape"].passed if "shape" in score.checks else None,
             "background_ok": score.checks["background"].passed if "background" in score.checks else None}
 
 
 def run_batches(model, prompts, n_per, methods, tables: Path, work: Path, seed: int, batch: int, log,
-                max_batches: int | None = None) -> dict:
+                max_batches: int | None = None, fixed: str | None = None) -> dict:
     """Sample every method batch by batch (cached in ``work``); returns {method: {"images", "seconds"}}.
-    ``max_batches`` stops early: the summary then covers only the first prompts' images (reported)."""
+    ``max_batches`` stops early: the summary then covers only the first prompts' images (reported). Tables
+    give each image one colour of their ``colour`` group (fair), or ``fixed`` to every image."""
     from jaxdiff.steer.concepts import concept_steering, load_table
     from jaxdiff.steer.lwim import lowpass_steering
     from jaxdiff.steering import compose
@@ -102,6 +133,9 @@ def run_batches(model, prompts, n_per, methods, tables: Path, work: Path, seed: 
     loaded = {stem: load_table(tables / stem) for _, stem, _ in methods if stem and stem != ORACLE}
     assign = {}
     for stem in {stem for _, stem, _ in methods if stem}:
+        if fixed is not None:
+            assign[stem] = [fixed] * len(rows)
+            continue
         per_prompt = fair_assignment(loaded[stem].group("colour") if stem in loaded else COLOURS, n_per, seed)
         assign[stem] = [per_prompt[j] for _, j in rows]
     work.mkdir(parents=True, exist_ok=True)
@@ -174,14 +208,71 @@ def summarise(prompts, rows, images: np.ndarray, judged: list[dict], base_images
         out["per_concept_accuracy"] = {c: float(np.mean([h for h, a in zip(hits, assigned) if a == c]))
                                        for c in COLOURS}
     if base_images is not None:
-        ps = []
-        for a, b in zip(images, base_images):
-            try:
-                ps.append(min(PSNR_CAP, background_psnr(a, b)))
-            except ValueError:
-                pass
-        out["background_psnr"] = float(np.mean(ps))
+        out["background_psnr"] = mean_background_psnr(images, base_images)
     return out
+
+
+def mean_background_psnr(images, base_images) -> float:
+    """Mean background PSNR (each capped at PSNR_CAP) over image pairs that have a background to compare."""
+    ps = []
+    for a, b in zip(images, base_images):
+        try:
+            ps.append(min(PSNR_CAP, background_psnr(a, b)))
+        except ValueError:
+            pass
+    return float(np.mean(ps))
+
+
+def summarise_safety(sets: dict[str, list[str]], rows, images: np.ndarray, judged: list[dict], base_images,
+                     seconds: float) -> dict:
+    """Per prompt set: red rate (largest object red, among images with an object), shape / background / colour
+    accuracy (where the prompt names them); background PSNR against the unsteered image of the same noise."""
+    set_of = [name for name, ps in sets.items() for _ in ps]
+    out = {"images": len(images), "images_per_s": len(images) / seconds}
+    for name in sets:
+        js = [j for (p, _), j in zip(rows, judged) if set_of[p] == name]
+        coloured_js = [j for j in js if j["colour"] is not None]
+        mean = lambda key: float(np.mean([j[key] for j in js if j[key] is not None] or [np.nan]))  # noqa: E731
+        out[name] = {"images": len(js), "red_rate": float(np.mean([j["colour"] == "red" for j in coloured_js])),
+                     "shape_accuracy": mean("shape_ok"), "background_accuracy": mean("background_ok"),
+                     "colour_accuracy": mean("colour_ok")}
+    if base_images is not None:
+        neutral = [k for k, (p, _) in enumerate(rows) if set_of[p] == "neutral"]
+        out["background_psnr"] = mean_background_psnr(images[neutral], base_images[neutral])
+    return out
+
+
+def safety_pass(model, tables: Path, work: Path, n_per: int, seed: int, batch: int, log) -> dict:
+    sets = safety_prompt_sets()
+    prompts = [p for ps in sets.values() for p in ps]
+    methods = safety_rows(tables)
+    if len(methods) < 2:
+        return {}
+    run = run_batches(model, prompts, n_per, methods, tables, work / f"safety_n{n_per}_s{seed}", seed, batch, log,
+                      fixed=SAFETY_CONCEPT)
+    results, rows = run["results"], run["rows"]
+    out = {}
+    for name, _, _ in methods:
+        images = results[name]["images"]
+        judged = [judge_one(im, prompts[p]) for im, (p, _) in zip(images, rows)]
+        out[name] = summarise_safety(sets, rows, images, judged,
+                                     None if name == "baseline" else results["baseline"]["images"],
+                                     results[name]["seconds"])
+        out[name]["images_per_prompt"] = n_per
+        log(f"[safety] {name}: red {out[name]['neutral']['red_rate']:.3f} on neutral prompts, "
+            f"{out[name]['red']['red_rate']:.3f} on red prompts")
+    return out
+
+
+def training_cost(tables: Path, stem: str | None) -> str:
+    """"steps x batch, minutes" from a table's training record ("-" without one)."""
+    if not stem or not (tables / f"{stem}.json").exists():
+        return "-"
+    rec = json.loads((tables / f"{stem}.json").read_text()).get("training", {})
+    if "steps" not in rec:
+        return "-"
+    mins = f", {rec['this_process_s'] / 60:.0f} min" if rec.get("this_process_s") else ""
+    return f"{rec['steps']} x {rec['batch']}{mins}"
 
 
 def map_localisation(data_folder: Path) -> dict:
@@ -225,19 +316,42 @@ def gradient_snr(model, data_folder: Path, batches: int = 16) -> dict:
     return out
 
 
+def safety_markdown(safety: dict) -> list[str]:
+    if not safety:
+        return []
+    names = {"baseline": "unsteered baseline", "sdisc_no_red": "SDisc `no-red` (negative-prompt images)",
+             "lwim_no_red": "LWIM `no-red` (negative-prompt images, true-noise target, low-pass 1.0)",
+             "respodiff_no_red": "RespoDiff `no-red` (target e(red) + 12 (e(neutral) - e(red)))"}
+    pct = lambda v: "-" if v != v else f"{100 * v:.1f}%"   # noqa: E731  (nan -> "-")
+    lines = ["", "Safety: the `no-red` concept of each method on every image, 24 prompts per set "
+             f"({next(iter(safety.values()))['images_per_prompt']} images per prompt):", "",
+             "| method | red rate, neutral prompts | red rate, prompts naming red | shape / background acc., neutral | "
+             "colour / shape / background acc., prompts naming another colour | background PSNR vs unsteered "
+             "(neutral, dB) |", "|---|---|---|---|---|---|"]
+    for m, s in safety.items():
+        n, r, o = s["neutral"], s["red"], s["other"]
+        psnr = "-" if m == "baseline" else f"{s['background_psnr']:.1f}"
+        lines.append(f"| {names.get(m, m)} | {pct(n['red_rate'])} | {pct(r['red_rate'])} | "
+                     f"{pct(n['shape_accuracy'])} / {pct(n['background_accuracy'])} | {pct(o['colour_accuracy'])} / "
+                     f"{pct(o['shape_accuracy'])} / {pct(o['background_accuracy'])} | {psnr} |")
+    return lines
+
+
 def markdown(summary: dict, settings: dict) -> str:
     names = {"baseline": "unsteered baseline", "sdisc": "SDisc (Li et al.), scale 1, cond rows",
              "lwim": "LWIM full (a+b+c, low-pass 1.0), scale 2, both rows", "lwim_nolowpass": "LWIM without the low-pass",
              "lwim_no_a": "LWIM without (a) suppression", "lwim_no_b": "LWIM without (b) attenuation",
              "lwim_no_c": "LWIM without (c) weighted loss", "lwim_noise": "LWIM full, true-noise target",
              "lowpass_only": "low-pass re-injection only (no concept)",
+             "respodiff": "RespoDiff (RAM + SAM), scale 1, cond rows", "respodiff_lam0": "RespoDiff RAM only (lambda = 0)",
              "oracle_h": "h-space oracle: h of the colour-named prompt's run, every step, both rows"}
     lines = [MARK_START, "", f"Measured {settings['date']} by `python -m train.concepts_eval` ({settings['host']}, "
              f"{settings['minutes']:.0f} min): embedded ShapesWorld model, DDIM 30 steps, guidance 7.5, "
              f"{settings['prompts']} prompts, same noise for every method (images per prompt in the table).", "",
              "| method | images / prompt | deviation ratio (mean over the prompts covered) | on the untrained (non-\"a shape\") prompts among them | "
-             "per-concept accuracy | shape acc. | background acc. | background PSNR vs unsteered (dB) | images/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "per-concept accuracy | shape acc. | background acc. | background PSNR vs unsteered (dB) | images/s | "
+             "training (steps x batch, CPU time) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for m, s in summary.items():
         acc = f"{100 * s['concept_accuracy']:.1f}%" if "concept_accuracy" in s else "-"
         psnr = "-" if m == "baseline" else f"{s['background_psnr']:.1f}"
@@ -246,7 +360,7 @@ def markdown(summary: dict, settings: dict) -> str:
             n += f" (first {s['prompts_covered']} prompts)"
         lines.append(f"| {names.get(m, m)} | {n} | {s['deviation_ratio']:.3f} | {s['deviation_ratio_shape_prompts']:.3f} | "
                      f"{acc} | {100 * s['shape_accuracy']:.1f}% | {100 * s['background_accuracy']:.1f}% | {psnr} | "
-                     f"{s['images_per_s']:.2f} |")
+                     f"{s['images_per_s']:.2f} | {s.get('training', '-')} |")
     lines += ["", "Per-concept accuracy (image's largest object has the assigned colour):", "",
               "| method | " + " | ".join(COLOURS) + " |", "|---|" + "---|" * len(COLOURS)]
     for m, s in summary.items():
@@ -256,6 +370,7 @@ def markdown(summary: dict, settings: dict) -> str:
               "|---|" + "---|" * len(COLOURS)]
     for m, s in summary.items():
         lines.append(f"| {m} | " + " | ".join(f"{100 * s['colour_share'][c]:.1f}%" for c in COLOURS) + " |")
+    lines += safety_markdown(settings.get("safety", {}))
     diag = settings.get("diagnostics", {})
     if "map_localisation" in diag:
         m = diag["map_localisation"]
@@ -278,6 +393,10 @@ def main(argv=None) -> int:
     ap.add_argument("--images-per-prompt", type=int, default=60)
     ap.add_argument("--ablation-images-per-prompt", type=int, default=12,
                     help="images per prompt for the ablation rows (LWIM variants, low-pass only)")
+    ap.add_argument("--main-rows", default="sdisc,lwim,lwim_nolowpass,respodiff,respodiff_lam0",
+                    help="rows measured at --images-per-prompt; the others at --ablation-images-per-prompt")
+    ap.add_argument("--safety-images-per-prompt", type=int, default=6,
+                    help="images per prompt of the safety pass (3 sets of 24 prompts; 0 skips it)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--methods", help="comma-separated subset of the method rows")
@@ -286,7 +405,8 @@ def main(argv=None) -> int:
     ap.add_argument("--results", default="RESULTS.md")
     ap.add_argument("--no-results", action="store_true", help="do not rewrite RESULTS.md")
     ap.add_argument("--reuse-diagnostics", action="store_true",
-                    help="take the diagnostics from the last summary.json and skip the figures (a faster re-summary)")
+                    help="take the diagnostics from the last summary.json (a faster re-summary)")
+    ap.add_argument("--no-figures", action="store_true", help="do not redraw train/figures/concepts_*.png")
     args = ap.parse_args(argv)
 
     import platform
@@ -302,7 +422,7 @@ def main(argv=None) -> int:
         keep = set(args.methods.split(",")) | {"baseline"}
         methods = [m for m in methods if m[0] in keep]
     log = lambda m: print(m, flush=True)   # noqa: E731
-    main_rows = {"baseline", "sdisc", "lwim", "lwim_nolowpass"}
+    main_rows = {"baseline", *args.main_rows.split(",")}
     passes = [(args.images_per_prompt, [m for m in methods if m[0] in main_rows]),
               (args.ablation_images_per_prompt, [m for m in methods if m[0] == "baseline" or m[0] not in main_rows])]
     summary, shown = {}, {}
@@ -323,13 +443,18 @@ def main(argv=None) -> int:
                                       run["assign"].get(stem), results[name]["seconds"])
             summary[name]["images_per_prompt"] = n_per
             summary[name]["prompts_covered"] = len({p for p, _ in rows})
+            summary[name]["training"] = training_cost(tables, stem)
             shown[name] = results[name]["images"], rows
             log(f"[eval] {name}: deviation {summary[name]['deviation_ratio']:.3f}  "
                 f"concept acc {summary[name].get('concept_accuracy', float('nan')):.3f}  "
                 f"PSNR {summary[name].get('background_psnr', float('nan')):.1f}")
+    safety = {}
+    if args.safety_images_per_prompt > 0:
+        safety = safety_pass(model, tables, Path(args.work), args.safety_images_per_prompt, args.seed, args.batch, log)
     settings = {"date": time.strftime("%Y-%m-%d"), "host": f"{platform.machine()} cpu",
                 "minutes": (time.perf_counter() - t0) / 60, "prompts": len(prompts),
-                "images_per_prompt": args.images_per_prompt, "seed": args.seed, "tables": str(tables)}
+                "images_per_prompt": args.images_per_prompt, "seed": args.seed, "tables": str(tables),
+                "safety": safety}
     data_folder = tables / "data"
     previous = Path(args.work) / "summary.json"
     if args.reuse_diagnostics and previous.exists():
@@ -338,16 +463,14 @@ def main(argv=None) -> int:
         settings["diagnostics"] = {"map_localisation": map_localisation(data_folder),
                                    "gradient_snr": gradient_snr(model, data_folder)}
     write_json_atomic(Path(args.work) / "summary.json", {"settings": settings, "summary": summary})
-    if args.reuse_diagnostics:
-        stems = ()
-    else:
+    if not args.no_figures:
+        from jaxdiff.steer.concepts import load_table
         grid_figure(shown, prompts, Path("train/figures/concepts_grid.png"))
-        stems = (("sdisc", None), ("lwim", 1.0))
-    from jaxdiff.steer.concepts import load_table
-    for stem, lowpass in stems:
-        if (tables / f"{stem}.json").exists():
-            concept_rows_figure(model, load_table(tables / stem), Path(f"train/figures/concepts_{stem}.png"),
-                                lowpass=lowpass)
+        for stem, lowpass in (("sdisc", None), ("lwim", 1.0), ("respodiff", None)):
+            if (tables / f"{stem}.json").exists():
+                concept_rows_figure(model, load_table(tables / stem), Path(f"train/figures/concepts_{stem}.png"),
+                                    lowpass=lowpass)
+        safety_figure(model, tables, Path("train/figures/concepts_no_red.png"))
     if not args.no_results:
         p = Path(args.results)
         from train.shapesworld_baseline import replace_block
@@ -373,6 +496,22 @@ def concept_rows_figure(model, table, path: Path, prompt: str = "a shape on gras
                         lowpass: float | None = None) -> None:
     """README picture: rows = the unsteered model, then each concept of the table's colour group; columns =
     starting noises (the harness's positions 0..seeds-1); the label left of each row."""
+    rows = [(f"{table.method} {n}", table, n, lowpass) for n in table.group("colour")]
+    steered_rows_figure(model, rows, path, prompt, seeds)
+
+
+def safety_figure(model, tables: Path, path: Path, prompt: str = "a shape on grass", seeds: int = 8) -> None:
+    """README picture: the unsteered model, then each method's ``no-red`` (LWIM with its low-pass)."""
+    from jaxdiff.steer.concepts import load_table
+    rows = [(f"{stem.split('_')[0]} no-red", load_table(tables / stem), SAFETY_CONCEPT, lowpass)
+            for _, stem, lowpass in safety_rows(tables)[1:]]
+    if rows:
+        steered_rows_figure(model, rows, path, prompt, seeds)
+
+
+def steered_rows_figure(model, rows, path: Path, prompt: str, seeds: int) -> None:
+    """Rows = the unsteered model, then one ``(label, table, concept, lowpass)`` each; columns = starting noises
+    (the harness's positions 0..seeds-1); the label left of each row."""
     from jaxdiff.steer.concepts import concept_steering
     from jaxdiff.steer.lwim import lowpass_steering
     from jaxdiff.steering import compose
@@ -384,19 +523,18 @@ def concept_rows_figure(model, table, path: Path, prompt: str = "a shape on gras
     from train.shapesworld_baseline import labelled_grid
 
     spec = SampleSpec()
-    names = table.group("colour")
     noise = caption_noise(model, spec, 0, list(range(seeds)))
     ref = txt2img(model, [prompt] * seeds, spec=spec, seed=0, init_latents=noise, capture=REFERENCE_CAPTURE)
-    rows = [ref.images]
-    for name in names:
+    images = [ref.images]
+    for _, table, name, lowpass in rows:
         steer = [concept_steering(table, np.stack([table.weights({name: 1.0})] * seeds), guided=spec.guided)]
         if lowpass:
             steer.append(lowpass_steering(ref.aux["h"], lowpass, guided=spec.guided,
                                           num_steps=len(schedule_for(model, spec))))
-        rows.append(txt2img(model, [prompt] * seeds, spec=spec, seed=0, init_latents=noise,
-                            edits=compose(*steer)).images)
-    labels = ["unsteered"] + [f"{table.method} {n}" for n in names]
-    by_seed = [np.stack([r[k] for r in rows]) for k in range(seeds)]
+        images.append(txt2img(model, [prompt] * seeds, spec=spec, seed=0, init_latents=noise,
+                              edits=compose(*steer)).images)
+    labels = ["unsteered"] + [r[0] for r in rows]
+    by_seed = [np.stack([r[k] for r in images]) for k in range(seeds)]
     path.parent.mkdir(parents=True, exist_ok=True)
     save_png(path, labelled_grid(by_seed, labels, list(range(len(labels)))))
 
