@@ -200,3 +200,16 @@ def test_fair_with_safety_concept(models):
     assert all(p["no-red"] == 1.0 for p in per)
     with pytest.raises(ConceptTableError, match="only safety concepts"):
         ConceptRequest(concepts=(("red", 1.0),), fair="colour").per_image(t, 4, 0)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "sdisc", "--lam", "0.5"], "--lam is a RespoDiff setting"),
+    (["--method", "respodiff", "--gamma-a", "0.5"], "are LWIM switches"),
+    (["--method", "respodiff", "--data-only"], "RespoDiff has no data stage"),
+    (["--method", "sdisc", "--group", "gender"], "--group 'gender' has no preset (colour, safety)"),
+])
+def test_training_cli_bad_flags(tmp_path, capsys, args, message):
+    from train.concepts import main
+    assert main([*args, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

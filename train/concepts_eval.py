@@ -56,6 +56,7 @@ def method_rows(tables: Path) -> list[tuple[str, str | None, float | None]]:
     rows = [("baseline", None, None)]
     for name, stem, lowpass in (("sdisc", "sdisc", None), ("lwim", "lwim", 1.0), ("lwim_nolowpass", "lwim", None),
                                 ("respodiff", "respodiff", None), ("respodiff_lam0", "respodiff_lam0", None),
+                                ("respodiff_lam1", "respodiff_lam1", None),
                                 ("lwim_no_a", "lwim_no_a", 1.0), ("lwim_no_b", "lwim_no_b", 1.0),
                                 ("lwim_no_c", "lwim_no_c", 1.0), ("lwim_noise", "lwim_noise", 1.0)):
         if has_group(tables, stem, "colour"):
@@ -342,8 +343,10 @@ def markdown(summary: dict, settings: dict) -> str:
              "lwim": "LWIM full (a+b+c, low-pass 1.0), scale 2, both rows", "lwim_nolowpass": "LWIM without the low-pass",
              "lwim_no_a": "LWIM without (a) suppression", "lwim_no_b": "LWIM without (b) attenuation",
              "lwim_no_c": "LWIM without (c) weighted loss", "lwim_noise": "LWIM full, true-noise target",
+             "lwim_ga05": "LWIM full, suppression gamma_a = 0.5",
              "lowpass_only": "low-pass re-injection only (no concept)",
              "respodiff": "RespoDiff (RAM + SAM), scale 1, cond rows", "respodiff_lam0": "RespoDiff RAM only (lambda = 0)",
+             "respodiff_lam1": "RespoDiff lambda = 1 (the released gender scripts)",
              "oracle_h": "h-space oracle: h of the colour-named prompt's run, every step, both rows"}
     lines = [MARK_START, "", f"Measured {settings['date']} by `python -m train.concepts_eval` ({settings['host']}, "
              f"{settings['minutes']:.0f} min): embedded ShapesWorld model, DDIM 30 steps, guidance 7.5, "

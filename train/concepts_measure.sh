@@ -17,6 +17,7 @@ $PY -m train.concepts --method lwim --out "$OUT" --name lwim_noise --target nois
 $PY -m train.concepts --method lwim --out "$OUT" --name lwim_ga05 --gamma-a 0.5
 $PY -m train.concepts --method respodiff --out "$OUT"
 $PY -m train.concepts --method respodiff --out "$OUT" --name respodiff_lam0 --lam 0
+$PY -m train.concepts --method respodiff --out "$OUT" --name respodiff_lam1 --lam 1
 for m in respodiff sdisc lwim; do
   $PY -m train.concepts --method "$m" --group safety --out "$OUT"
 done
