@@ -14,8 +14,8 @@ import pytest
 
 from jaxdiff.schedulers import make_schedule
 from jaxdiff.steer import respodiff
-from jaxdiff.steer.concepts import (ConceptTable, ConceptTableError, concept_deltas, concept_steering, load_table, merge_tables,
-                                    save_table)
+from jaxdiff.steer.concepts import (ConceptTable, ConceptTableError, concept_deltas, concept_steering, load_table,
+                                    merge_tables, save_table)
 from sample.pipeline import generate
 from sample.spec import SampleSpec, scheduler_config
 from tests.test_concepts import h_shape, table_of, tiny, train_cfg

@@ -265,6 +265,11 @@ def safety_pass(model, tables: Path, work: Path, n_per: int, seed: int, batch: i
     return out
 
 
+def ms_name(row: str) -> str:
+    """The method of a summary row ("baseline (12/prompt)" -> "baseline")."""
+    return row.split(" (")[0]
+
+
 def training_cost(tables: Path, stem: str | None) -> str:
     """"steps x batch, minutes" from a table's training record ("-" without one)."""
     if not stem or not (tables / f"{stem}.json").exists():
@@ -357,7 +362,7 @@ def markdown(summary: dict, settings: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for m, s in summary.items():
         acc = f"{100 * s['concept_accuracy']:.1f}%" if "concept_accuracy" in s else "-"
-        psnr = "-" if m == "baseline" else f"{s['background_psnr']:.1f}"
+        psnr = "-" if ms_name(m) == "baseline" else f"{s['background_psnr']:.1f}"
         n = str(s["images_per_prompt"])
         if s.get("prompts_covered", settings["prompts"]) < settings["prompts"]:
             n += f" (first {s['prompts_covered']} prompts)"
@@ -438,16 +443,17 @@ def main(argv=None) -> int:
         results, rows = run["results"], run["rows"]
         base = results["baseline"]["images"]
         for name, stem, _ in ms:
-            if name in summary:
-                continue
             images = results[name]["images"]
+            if name in summary:           # the baseline of a later pass: its own row, the reference of that pass
+                name = f"{name} ({n_per}/prompt)"
             judged = [judge_one(im, prompts[p]) for im, (p, _) in zip(images, rows)]
-            summary[name] = summarise(prompts, rows, images, judged, None if name == "baseline" else base,
-                                      run["assign"].get(stem), results[name]["seconds"])
+            reference = None if ms_name(name) == "baseline" else base
+            summary[name] = summarise(prompts, rows, images, judged, reference, run["assign"].get(stem),
+                                      results[ms_name(name)]["seconds"])
             summary[name]["images_per_prompt"] = n_per
             summary[name]["prompts_covered"] = len({p for p, _ in rows})
             summary[name]["training"] = training_cost(tables, stem)
-            shown[name] = results[name]["images"], rows
+            shown[name] = images, rows
             log(f"[eval] {name}: deviation {summary[name]['deviation_ratio']:.3f}  "
                 f"concept acc {summary[name].get('concept_accuracy', float('nan')):.3f}  "
                 f"PSNR {summary[name].get('background_psnr', float('nan')):.1f}")
