@@ -86,6 +86,21 @@ class StableDiffusionModel:
         return "text_encoder_2" in self.params
 
 
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder + rename: a kill never leaves half a
+    file. Mode 0644 (``mkstemp`` makes 0600; what we write are shareable artefacts)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 @contextlib.contextmanager
 def atomic_folder(dst: str | os.PathLike) -> Iterator[Path]:
     """Write a folder atomically: yields an empty temporary sibling of ``dst``; when the block completes it

@@ -90,11 +90,11 @@ def plan_jobs(groups, n: int, concepts: list[str] | None) -> list[Job]:
 
 # ------------------------------------------------------------------------------------------ outputs
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temporary file + rename (jaxdiff.steer.concepts' writer), so a kill never leaves half a file."""
-    from jaxdiff.steer.concepts import _write_atomic
+    """Write via a temporary file + rename, so a kill never leaves half a file."""
+    from jaxdiff.checkpoint import write_bytes_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, data)
+    write_bytes_atomic(path, data)
 
 
 def save_png_atomic(path: Path, image: np.ndarray) -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.checkpoint import write_bytes_atomic
 from jaxdiff.hooks import CaptureSpec, HSpaceEdit, UNetEdits
 from jaxdiff.steering import Steering
 
@@ -231,18 +231,6 @@ def table_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)   # mkstemp makes 0600; a table is a shareable artefact
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_table(path: str | os.PathLike, table: ConceptTable) -> tuple[Path, Path]:
     """Write ``NAME.safetensors`` + ``NAME.json`` (each atomically; the tensors first, so a JSON on disk always
     has its tensors)."""
@@ -251,12 +239,12 @@ def save_table(path: str | os.PathLike, table: ConceptTable) -> tuple[Path, Path
     st, js = table_paths(path)
     st.parent.mkdir(parents=True, exist_ok=True)
     vectors = np.asarray(table.vectors, np.float32)
-    _write_atomic(st, save({n: np.ascontiguousarray(vectors[i]) for i, n in enumerate(table.names)}))
+    write_bytes_atomic(st, save({n: np.ascontiguousarray(vectors[i]) for i, n in enumerate(table.names)}))
     meta = {"format": FORMAT, "method": table.method, "kind": table.kind, "h_shape": list(table.h_shape),
             "names": {n: i for i, n in enumerate(table.names)},
             "groups": {g: list(m) for g, m in table.groups.items()}, "scale": table.scale, "rows": table.rows,
             "model_sha256": table.model_sha256, "training": dict(table.training)}
-    _write_atomic(js, (json.dumps(meta, indent=1) + "\n").encode())
+    write_bytes_atomic(js, (json.dumps(meta, indent=1) + "\n").encode())
     return st, js
 
 
