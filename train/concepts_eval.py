@@ -401,7 +401,7 @@ def main(argv=None) -> int:
     ap.add_argument("--images-per-prompt", type=int, default=60)
     ap.add_argument("--ablation-images-per-prompt", type=int, default=12,
                     help="images per prompt for the ablation rows (LWIM variants, low-pass only)")
-    ap.add_argument("--main-rows", default="sdisc,lwim,lwim_nolowpass,respodiff,respodiff_lam0",
+    ap.add_argument("--main-rows", default="sdisc,lwim,lwim_nolowpass,respodiff",
                     help="rows measured at --images-per-prompt; the others at --ablation-images-per-prompt")
     ap.add_argument("--safety-images-per-prompt", type=int, default=6,
                     help="images per prompt of the safety pass (3 sets of 24 prompts; 0 skips it)")
