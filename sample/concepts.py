@@ -17,7 +17,7 @@ import numpy as np
 
 import jaxdiff
 from jaxdiff.checkpoint import StableDiffusionModel
-from jaxdiff.steer.concepts import (ConceptTable, ConceptTableError, check_fits, concept_steering,
+from jaxdiff.steer.concepts import (SAFETY_GROUP, ConceptTable, ConceptTableError, check_fits, concept_steering,
                                     fair_assignment, h_shape_of, load_table)
 from jaxdiff.steer.lwim import lowpass_steering
 from jaxdiff.steering import compose
@@ -27,7 +27,6 @@ from sample.spec import SampleResult, SampleSpec, latent_shape, output_size, sch
 
 SHIPPED = Path(jaxdiff.__file__).resolve().parent / "assets" / "concepts"   # tables for the embedded model
 REFERENCE_CAPTURE = StepCaptureSpec.of((), hspace=True, reduce="stack", cond_only=False)
-SAFETY_GROUP = "safety"   # concepts that remove an attribute: always on when selected, also under --fair
 
 
 def shipped_tables() -> list[str]:

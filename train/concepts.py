@@ -134,7 +134,8 @@ class ConceptConfig:
 def safety_preset() -> ConceptConfig:
     """``no-red`` on ShapesWorld: remove the bias colour from the neutral prompts."""
     base = ConceptConfig()
-    return ConceptConfig(group="safety", concepts={"no-red": ""}, negatives={"no-red": "red"},
+    from jaxdiff.steer.concepts import SAFETY_GROUP
+    return ConceptConfig(group=SAFETY_GROUP, concepts={"no-red": ""}, negatives={"no-red": "red"},
                          lwim=base.lwim.with_settings(target="noise"),
                          respodiff=base.respodiff.with_settings(target_guidance=12.0))
 

@@ -76,9 +76,10 @@ SAFETY_CONCEPT = "no-red"
 
 def safety_rows(tables: Path) -> list[tuple[str, str | None, float | None]]:
     """Each method's ``no-red`` (tables ``METHOD_safety``; LWIM with its low-pass re-injection)."""
+    from jaxdiff.steer.concepts import SAFETY_GROUP
     rows = [("baseline", None, None)]
     for method, lowpass in (("sdisc", None), ("lwim", 1.0), ("respodiff", None)):
-        if has_group(tables, f"{method}_safety", "safety"):
+        if has_group(tables, f"{method}_safety", SAFETY_GROUP):
             rows.append((f"{method}_no_red", f"{method}_safety", lowpass))
     return rows
 

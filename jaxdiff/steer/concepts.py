@@ -40,6 +40,7 @@ Array = jax.Array
 FORMAT = "jaxdiff-concepts/1"
 KINDS = ("spatial", "channel")
 ROWS = ("cond", "both")
+SAFETY_GROUP = "safety"   # concepts that remove an attribute: always on when selected, also under fair sampling
 
 
 class ConceptTableError(ValueError):

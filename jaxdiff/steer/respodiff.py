@@ -38,7 +38,7 @@ import optax
 
 from jaxdiff.hooks import UNetEdits
 from jaxdiff.schedulers import Schedule, init_state, scale_model_input, step
-from jaxdiff.steer.concepts import concept_shape, delta_edit, row_mask
+from jaxdiff.steer.concepts import concept_shape, delta_edit, guidance_layout, row_mask
 from jaxdiff.steer.objective import predict, weighted_mse
 from jaxdiff.unet import UNetConfig
 
@@ -87,8 +87,7 @@ def init_opt_state(modules: dict, cfg: RespoDiffTraining) -> tuple:
 def cond_edits(deltas: Array) -> UNetEdits:
     """``h += deltas[b]`` on the conditional half of a guided ``[uncond, cond]`` batch of 2B rows (the sampler's
     :func:`jaxdiff.steer.concepts.concept_edits` with rows ``"cond"``)."""
-    b = deltas.shape[0]
-    return UNetEdits(hspace=delta_edit(jnp.concatenate([deltas, deltas]), row_mask(b, "cond", True)))
+    return UNetEdits(hspace=delta_edit(guidance_layout(deltas, True), row_mask(deltas.shape[0], "cond", True)))
 
 
 def anchor_rollout(deltas: Array, z_T: Array, n_steps: Array, frozen: dict, *, unet: UNetConfig,
@@ -161,7 +160,7 @@ def train_step(modules: dict, opt_state: tuple, batch: dict, key: Array, frozen:
     b = batch["label"].shape[0]
     t_enc, z_T = draw(key, (b, *latent_shape), len(schedule))
     deltas = modules["ram"][batch["label"]] + modules["sam"][batch["label"]]
-    z = jax.lax.stop_gradient(anchor_rollout(jax.lax.stop_gradient(deltas), z_T, t_enc, frozen, unet=unet,
+    z = jax.lax.stop_gradient(anchor_rollout(deltas, z_T, t_enc, frozen, unet=unet,
                                              neutral=batch["neutral"], uncond=batch["uncond"],
                                              guidance=cfg.rollout_guidance))
     t = schedule.timesteps[t_enc]
