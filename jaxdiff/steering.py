@@ -7,14 +7,18 @@ A :class:`Steering` carries three kinds of intervention, all pure data (static f
   steps where the traced ``active`` mask is True (an inactive step falls back to the unedited tensors bit for
   bit, through the edits' ``rows`` masks). h-space edits with ``per_step_params`` get their params sliced at
   the step (a per-step tensor, e.g. LWIM's re-injected reference h of *that* step).
-* **Pre-step hooks** ``fn(x, ctx, params) -> x``, run before every step's UNet call, step 0 included, on the
+* **Pre-step hooks** ``fn(x, ctx, params) -> x`` (or ``(x, stats)``, see below), run before every step's UNet call, step 0 included, on the
   latents that step is about to denoise. ``ctx`` is a :class:`StepContext`: step index, timestep, schedule, a
   PRNG key, the conditioning, the step's edits and the already-cast denoiser (all rows, and the conditional rows
   only), so a hook can differentiate a loss of freshly captured cross-attention maps with respect to the latents
   (Learn-to-Steer's test-time optimisation, Yiflach, Atzmon & Chechik, WACV 2026) without re-passing weights.
-* **Post-step hooks** ``fn(x_in, x_out, captures, ctx, params) -> x_out``, run after the scheduler step on the
+* **Post-step hooks** ``fn(x_in, x_out, captures, ctx, params) -> x_out`` (or ``(x_out, stats)``), run after the scheduler step on the
   step's input and output latents and the step's captures (as selected by the run's capture spec, before
   reduction): Abs-Grad-SAM's background replacement after a step, with saliency from the step input.
+
+A hook may also report per-step statistics: it returns ``(x, stats)`` with ``stats`` a dict of arrays (e.g.
+refinements used, final loss per row). The sampler stacks them over the steps run and returns them in the
+run's ``aux["hooks"]`` (one dict, the hooks' keys merged; two hooks may not report the same key).
 
 :func:`compose` combines steerings of several methods into one run: their edits are merged in order
 (:func:`jaxdiff.hooks.merge_edits`: several h-space edits, several edits of one attention site) and their hooks
@@ -35,7 +39,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.hooks import NO_EDITS, UNetEdits, merge_edits
+from jaxdiff.hooks import NO_EDITS, AttnEdit, HSpaceEdit, UNetEdits, merge_edits
 from jaxdiff.pytree import pytree_dataclass, static_field
 
 Array = jax.Array
@@ -184,21 +188,60 @@ def compose(*steerings) -> Steering:
     return Steering(parts=parts)
 
 
-def run_pre_hooks(steering: Steering, x: Array, ctx: StepContext) -> Array:
-    """Apply the pre-step hooks in order (shape- and dtype-checked)."""
+def run_pre_hooks(steering: Steering, x: Array, ctx: StepContext) -> tuple[Array, dict]:
+    """Apply the pre-step hooks in order (shape- and dtype-checked): ``(x, stats)``."""
+    stats: dict = {}
     for hook in steering.pre_hooks:
-        x = _checked(hook.fn(x, ctx, hook.params), x, "pre-step")
-    return x
+        x = _checked(hook.fn(x, ctx, hook.params), x, "pre-step", stats)
+    return x, stats
 
 
-def run_post_hooks(steering: Steering, x_in: Array, x_out: Array, captures: dict, ctx: StepContext) -> Array:
-    """Apply the post-step hooks in order (shape- and dtype-checked)."""
+def run_post_hooks(steering: Steering, x_in: Array, x_out: Array, captures: dict,
+                   ctx: StepContext) -> tuple[Array, dict]:
+    """Apply the post-step hooks in order (shape- and dtype-checked): ``(x_out, stats)``."""
+    stats: dict = {}
     for hook in steering.post_hooks:
-        x_out = _checked(hook.fn(x_in, x_out, captures, ctx, hook.params), x_out, "post-step")
-    return x_out
+        x_out = _checked(hook.fn(x_in, x_out, captures, ctx, hook.params), x_out, "post-step", stats)
+    return x_out, stats
 
 
-def _checked(new, like: Array, what: str) -> Array:
+def _checked(new, like: Array, what: str, stats: dict) -> Array:
+    if isinstance(new, tuple):
+        new, extra = new
+        if not isinstance(extra, dict) or set(extra) & set(stats):
+            raise ValueError(f"{what} hook stats must be a dict with keys no other hook reports, got "
+                             f"{type(extra).__name__} {sorted(extra) if isinstance(extra, dict) else ''}")
+        stats.update(extra)
     if jnp.shape(new) != like.shape:
         raise ValueError(f"{what} hook returned shape {jnp.shape(new)}, expected {like.shape}")
     return jnp.asarray(new).astype(like.dtype)
+
+
+# AttnEdit fields whose leading axis is the UNet row when they have this many dims (jaxdiff.attention's rules).
+_ROW_AXIS_NDIM = {"logit_bias": (4,), "token_keep": (2, 4), "prob_scale": (2, 4), "prob_replace": (4,),
+                  "replace_weight": (1, 4), "value_scale": (2,), "rows": (1,)}
+
+
+def cond_half_edits(edits: UNetEdits, rows: int) -> UNetEdits:
+    """The edits of the conditional half of a guided UNet batch of ``rows`` rows ``[uncond, cond]``, for a
+    call on the conditional rows only (:attr:`StepContext.cond_model`): every per-row array (h-space ``rows``
+    masks and per-row params, attention arrays whose leading axis is the row) keeps its second half; arrays
+    broadcast over rows are kept as they are."""
+    half = rows // 2
+
+    def cut(a):
+        return a if a is None or jnp.ndim(a) == 0 or jnp.shape(a)[0] != rows else a[half:]
+
+    def hs(e: HSpaceEdit) -> HSpaceEdit:
+        params = jax.tree.map(lambda a: a[half:], e.params) if e.per_row_params else e.params
+        return dataclasses.replace(e, rows=cut(e.rows), params=params)
+
+    def at(e: AttnEdit) -> AttnEdit:
+        new = {f: cut(getattr(e, f)) for f, dims in _ROW_AXIS_NDIM.items()
+               if getattr(e, f) is not None and jnp.ndim(getattr(e, f)) in dims}
+        return dataclasses.replace(e, **new)
+
+    hspace = tuple(hs(e) for e in edits.hspace_edits)
+    attn = {s: tuple(at(e) for e in edits.attn_edits(s)) for s in edits.attn}
+    return UNetEdits(hspace=None if not hspace else hspace[0] if len(hspace) == 1 else hspace,
+                     attn={s: v[0] if len(v) == 1 else v for s, v in attn.items()})

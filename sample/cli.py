@@ -19,7 +19,8 @@ import numpy as np
 
 SETTINGS = ("model", "prompts", "negative_prompt", "scheduler", "steps", "guidance", "eta", "seed", "num_images",
             "height", "width", "dtype", "init_image", "strength", "init_latents", "heatmap", "concepts", "concept",
-            "fair", "concept_scale", "concept_rows", "lowpass", "lowpass_row")
+            "fair", "concept_scale", "concept_rows", "lowpass", "lowpass_row", "steer_relations", "relation",
+            "relation_loss", "tto_steps", "tto_lr", "tto_iters")
 SMALL_VOCABULARY = 10000   # a caption-language vocabulary (the embedded model's), where an unknown word is a typo
 
 
@@ -169,6 +170,29 @@ def concept_settings(s: dict, model, spec, n_images: int, image_hw):
     return table, weights, per_image, warnings
 
 
+def relation_settings(s: dict, model, spec, prompts: list[str], image_hw):
+    """(Learn-to-Steer steering, its run.json record) of the run's relation flags, or (None, None)."""
+    from sample.relations import RelationRequest
+
+    tuning = [f"--{k.replace('_', '-')}" for k in ("relation", "tto_steps", "tto_lr", "tto_iters")
+              if s.get(k) not in (None, [], ())]
+    if s.get("relation_loss") not in (None, "learned"):
+        tuning.append("--relation-loss")
+    if not s.get("steer_relations"):
+        if tuning:
+            raise CLIError(f"{', '.join(tuning)} need --steer-relations [CLASSIFIER]")
+        return None, None
+    from sample.relations import relation_run
+    request = RelationRequest(classifier=None if s["steer_relations"] == "shipped" else s["steer_relations"],
+                              loss=s.get("relation_loss") or "learned", tto_steps=s.get("tto_steps"),
+                              eta=s.get("tto_lr"), relations=tuple(s.get("relation") or ()),
+                              **({} if s.get("tto_iters") is None else {"max_updates": s["tto_iters"]}))
+    try:
+        return relation_run(model, prompts, spec, request, image_hw)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
 def run(settings: dict, out: Path, *, cache: bool = True, quiet: bool = False) -> dict:
     """Generate from a settings dict (the ``run.json`` schema), write the files, return the sidecar."""
     import jax
@@ -217,11 +241,13 @@ def run(settings: dict, out: Path, *, cache: bool = True, quiet: bool = False) -
                 word_token_indices(tok, p, s["heatmap"])
             except ValueError as e:
                 raise CLIError(str(e)) from None
+    relations, relation_record = relation_settings(s, model, spec, prompts,
+                                                   None if init_image is None else init_image.shape[1:3])
     progress = None if quiet else ProgressBar()
     negatives = [s["negative_prompt"]] * len(prompts) if s["negative_prompt"] else None
     reference = None
     try:
-        if table is None and s.get("lowpass") is None:
+        if table is None and s.get("lowpass") is None and relations is None:
             result = generate(model, prompts, spec=spec, seed=s["seed"], negative_prompts=negatives,
                               init_latents=init_latents, init_image=init_image, capture=capture, progress=progress)
         else:
@@ -230,7 +256,8 @@ def run(settings: dict, out: Path, *, cache: bool = True, quiet: bool = False) -
                 model, prompts, spec=spec, seed=s["seed"], table=table, weights=weights,
                 scale=s.get("concept_scale"), rows=s.get("concept_rows"), lowpass=s.get("lowpass"),
                 lowpass_row=s.get("lowpass_row") or "uncond", negative_prompts=negatives,
-                init_latents=init_latents, init_image=init_image, capture=capture, progress=progress)
+                init_latents=init_latents, init_image=init_image, capture=capture, progress=progress,
+                extra=relations)
     except ValueError as e:
         raise CLIError(str(e)) from None
 
@@ -244,12 +271,18 @@ def run(settings: dict, out: Path, *, cache: bool = True, quiet: bool = False) -
         save_png(out / "reference_grid.png", grid(reference.images))
     np.save(out / "init_latents.npy", np.transpose(np.asarray(result.init_latents), (0, 3, 1, 2)))
     heat_files = write_heatmaps(out, tok, result, prompts, s["heatmap"]) if s.get("heatmap") else []
+    per_relation = None
+    if relations is not None:
+        from sample.relations import image_reports
+        per_relation = image_reports(result.aux["hooks"]["relations"], relation_record)
     sidecar = {
         "settings": {k: s.get(k) for k in SETTINGS},
         "model_sha256": model.manifest.get("source_sha256"),
         "model_source": model.manifest.get("source", s["model"]),
-        "images": [{"file": f, "prompt": p, "index": k, **({"concepts": per_image[k]} if per_image else {})}
+        "images": [{"file": f, "prompt": p, "index": k, **({"concepts": per_image[k]} if per_image else {}),
+                    **({"relations": per_relation[k]} if per_relation else {})}
                    for k, (f, p) in enumerate(zip(files, prompts))],
+        "relation_steering": relation_record,
         "concept_table": None if table is None else {
             "method": table.method, "kind": table.kind, "scale": table.scale if s.get("concept_scale") is None
             else s["concept_scale"], "rows": s.get("concept_rows") or table.rows,
@@ -300,6 +333,17 @@ def parse_args(argv) -> argparse.Namespace:
                     help="LWIM background consistency: re-inject a concept-free run's low-pass h (weight 1.0)")
     ap.add_argument("--lowpass-row", choices=("uncond", "cond"),
                     help="which guidance row of the reference run is re-injected (default uncond, as released)")
+    ap.add_argument("--steer-relations", nargs="?", const="shipped", metavar="CLASSIFIER",
+                    help="Learn-to-Steer: optimise the latents against a relation classifier (a folder from "
+                         "python -m train.relation_classifier; default: the one shipped for the embedded model)")
+    ap.add_argument("--relation", action="append", metavar="SUBJECT,RELATION,OBJECT",
+                    help="the relation to steer, e.g. 'dog,left of,teddy bear' (repeatable; default: parsed from "
+                         "each prompt)")
+    ap.add_argument("--relation-loss", choices=("learned", "centroid"),
+                    help="learned (the classifier, default) or centroid (handcrafted attention-centroid hinge)")
+    ap.add_argument("--tto-steps", type=int, help="optimise before steps 0..N-1 (default: half the schedule)")
+    ap.add_argument("--tto-lr", type=float, help="gradient step eta (default: the classifier's; SD1 7.5, SD2 5)")
+    ap.add_argument("--tto-iters", type=int, help="refinements per step at most (default 15)")
     ap.add_argument("--out", default="out/sample", help="output folder")
     ap.add_argument("--from-json", help="re-run the settings of a run.json sidecar (other flags are ignored)")
     ap.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA cache")

@@ -165,13 +165,17 @@ def denoise_step(model: Denoiser, schedule: Schedule, *, rows: int, guided: bool
         edits = steering.edits_at(i, t, rows)
         ctx = StepContext(i=i, t=t, schedule=schedule, key=jax.random.fold_in(step_key, HOOK_KEY_SALT), cond=cond,
                           model=model, cond_model=cond_model, edits=edits, guided=guided, guidance=guidance)
-        x = run_pre_hooks(steering, x, ctx)
+        x, pre_stats = run_pre_hooks(steering, x, ctx)
         out, aux = guided_prediction(model, scale_model_input(schedule, x, i), t, guided=guided, guidance=guidance,
                                      edits=edits, capture=capture.unet)
         caps = select_captures(aux, capture, guided)
         x_new, state = step(schedule, state, i, out, x, key=step_key)
-        x_new = run_post_hooks(steering, x, x_new, caps, ctx)
-        return x_new, state, caps
+        x_new, post_stats = run_post_hooks(steering, x, x_new, caps, ctx)
+        if set(pre_stats) & set(post_stats):
+            raise ValueError(f"pre- and post-step hooks report the same stats keys: "
+                             f"{sorted(set(pre_stats) & set(post_stats))}")
+        stats = {**pre_stats, **post_stats}
+        return x_new, state, caps, stats
 
     def init(latents: Array, start: int) -> tuple:
         latents = jnp.asarray(latents, jnp.float32)
@@ -184,16 +188,22 @@ def denoise_step(model: Denoiser, schedule: Schedule, *, rows: int, guided: bool
 
     def body(carry, i):
         x, state, acc = carry
-        x, state, caps = one_step(x, state, i)
+        x, state, caps, stats = one_step(x, state, i)
         acc, ys = _reduce_step(capture, acc, caps, i)
+        if stats:
+            ys = dict(ys, hooks=stats)
         return (x, state, acc), ys
 
     return body, init
 
 
 def reduced_captures(capture: StepCaptureSpec, acc: dict, ys: dict) -> dict:
-    """The run's capture output: the stacked per-step ``ys`` for ``"stack"``, else the accumulator."""
-    return ys if capture.reduce == "stack" else acc
+    """The run's capture output: the stacked per-step ``ys`` for ``"stack"``, else the accumulator; plus the
+    hooks' per-step stats (stacked over the steps run) under ``"hooks"`` when a hook reports any."""
+    out = ys if capture.reduce == "stack" else acc
+    if "hooks" in ys:
+        out = dict(out, hooks=ys["hooks"])
+    return out
 
 
 def check_start(start: int, n: int) -> None:

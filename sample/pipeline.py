@@ -148,7 +148,7 @@ def run_stepped(args: tuple, plan: Plan, schedule_len: int, progress: Callable[[
         progress(done, total)
         stacked.append(ys)
     x, _, acc = carry
-    ys = jax.tree.map(lambda *a: jnp.stack(a), *stacked) if plan.capture.reduce == "stack" else {}
+    ys = jax.tree.map(lambda *a: jnp.stack(a), *stacked) if stacked and stacked[0] else {}
     return {"images": decode_program(params, x, plan=plan), "latents": x,
             "aux": reduced_captures(plan.capture, acc, ys)}
 
