@@ -318,3 +318,22 @@ def test_import_jaxdiff_module_does_not_import_torch_or_sample():
     code = ("import sys, jaxdiff.steer.relation_classifier; "
             "bad = [m for m in ('torch', 'sample', 'train') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_flip_augment_mirrors_maps_and_swaps_labels():
+    """Left-right mirroring swaps "left of"/"right of", top-bottom swaps "above"/"below", "is" stays."""
+    from train.relation_classifier import flip_augment
+
+    classes = ("left of", "right of", "above", "below", "is")
+    maps = np.zeros((400, 2, 1, 4, 4), np.float32)
+    maps[:, 0, 0, 0, 0] = 1.0                         # object 1 at the top-left corner
+    labels = np.tile(np.arange(5), 80)
+    out, new = flip_augment(maps, labels, classes, np.random.default_rng(0))
+    fx = out[:, 0, 0, :, 3].sum(-1) > 0               # mass moved to the right column: mirrored left-right
+    fy = out[:, 0, 0, 3, :].sum(-1) > 0               # ... to the bottom row: mirrored top-bottom
+    assert 0.3 < fx.mean() < 0.7 and 0.3 < fy.mean() < 0.7
+    want = labels.copy()
+    want[fx & (labels == 0)], want[fx & (labels == 1)] = 1, 0
+    want[fy & (labels == 2)], want[fy & (labels == 3)] = 3, 2
+    np.testing.assert_array_equal(new, want)
+    assert maps[:, 0, 0, 0, 0].all()                  # inputs untouched

@@ -483,8 +483,8 @@ def main(argv=None) -> int:
         safety_figure(model, tables, Path("train/figures/concepts_no_red.png"))
     if not args.no_results:
         p = Path(args.results)
-        from train.shapesworld_baseline import replace_block
-        p.write_text(replace_block(p.read_text(), markdown(summary, settings), MARK_START, MARK_END))
+        from train.shapesworld_baseline import rewrite_block
+        rewrite_block(p, markdown(summary, settings), MARK_START, MARK_END)
     print(markdown(summary, settings))
     return 0
 

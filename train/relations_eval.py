@@ -78,6 +78,11 @@ def run_batch(model, spec, row: str, seed: int, items: list[tuple[int, str]], ar
             "settings": record}, res.images
 
 
+def pct(images: list[dict], check: str) -> str:
+    vals = [im["checks"][check] for im in images if check in im["checks"]]
+    return f"{100 * np.mean(vals):.1f}% ({sum(vals)}/{len(vals)})" if vals else "-"
+
+
 def table(results: dict) -> str:
     """The markdown table of every measured row."""
     from jaxdiff.shapesworld import RELATION_LABELS, parse_caption
@@ -89,20 +94,14 @@ def table(results: dict) -> str:
         imgs = [im for b in batches for im in b["images"]]
         if not imgs:
             continue
-        def pct(sel, check):
-            vals = [im["checks"][check] for im in sel if check in im["checks"]]
-            return f"{100 * np.mean(vals):.1f}% ({sum(vals)}/{len(vals)})" if vals else "-"
         per_rel = [pct([im for im in imgs if parse_caption(im["caption"]).relation == r], "relation")
                    for r in RELATION_LABELS]
         refs = [im["refinements"] for im in imgs if im["refinements"] is not None]
-        secs = sum(b["seconds"] for b in batches if not b.get("compiled")) / max(
-            sum(len(b["images"]) for b in batches if not b.get("compiled")), 1)
-        lines.append(f"| {ROW_TITLES[row]} | {len(imgs)} | {pct(imgs, 'relation')} | " + " | ".join(per_rel) +
-                     f" | {pct(imgs, 'colour')} | {pct(imgs, 'shape')} | {pct(imgs, 'background')} | "
-                     f"{np.mean(refs):.1f} | {secs:.2f} |" if refs else
-                     f"| {ROW_TITLES[row]} | {len(imgs)} | {pct(imgs, 'relation')} | " + " | ".join(per_rel) +
-                     f" | {pct(imgs, 'colour')} | {pct(imgs, 'shape')} | {pct(imgs, 'background')} | - | "
-                     f"{secs:.2f} |")
+        timed = [b for b in batches if not b.get("compiled")] or batches
+        secs = sum(b["seconds"] for b in timed) / sum(len(b["images"]) for b in timed)
+        cells = [ROW_TITLES[row], str(len(imgs)), pct(imgs, "relation"), *per_rel, pct(imgs, "colour"),
+                 pct(imgs, "shape"), pct(imgs, "background"), f"{np.mean(refs):.1f}" if refs else "-", f"{secs:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -129,7 +128,7 @@ def run(args) -> dict:
     from sample.cli import load_model
     from sample.outputs import save_png, write_json_atomic
     from sample.spec import SampleSpec
-    from train.shapesworld_baseline import labelled_grid, replace_block
+    from train.shapesworld_baseline import labelled_grid, rewrite_block
 
     t0 = time.perf_counter()
     model = load_model(args.model, "float32")
@@ -188,9 +187,8 @@ def run(args) -> dict:
                "seconds": time.perf_counter() - t0, "results": results}
     write_json_atomic(out / "summary.json", summary)
     if args.results:
-        path = Path(args.results)
-        path.write_text(replace_block(path.read_text() if path.exists() else "", text, MARK_START, MARK_END))
-        log(f"rewrote the relations block of {path}")
+        rewrite_block(args.results, text, MARK_START, MARK_END)
+        log(f"rewrote the relations block of {args.results}")
     return summary
 
 

@@ -117,6 +117,12 @@ def replace_block(text: str, block: str, start: str = MARK_START, end: str = MAR
     return text.rstrip("\n") + "\n\n" + block + "\n"
 
 
+def rewrite_block(path, block: str, start: str = MARK_START, end: str = MARK_END) -> None:
+    """Rewrite the block between ``start`` and ``end`` of the markdown file ``path`` (appended if absent)."""
+    path = Path(path)
+    path.write_text(replace_block(path.read_text() if path.exists() else "", block, start, end))
+
+
 def run(args) -> dict:
     import platform
 
@@ -166,9 +172,8 @@ def run(args) -> dict:
     block = markdown(tally, neutral, settings, figures)
     print(block)
     if args.results:
-        path = Path(args.results)
-        path.write_text(replace_block(path.read_text() if path.exists() else "", block))
-        log(f"rewrote the baseline block of {path}")
+        rewrite_block(args.results, block)
+        log(f"rewrote the baseline block of {args.results}")
     return report
 
 
