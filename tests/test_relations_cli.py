@@ -35,7 +35,7 @@ def classifiers(tmp_path_factory):
 
 
 def run_cli(capsys, *args) -> tuple[int, str]:
-    code = main(["--quiet", "--steps", "4", "--tto-steps", "2", *args])
+    code = main(["--quiet", "--no-compile-cache", "--steps", "4", "--tto-steps", "2", *args])
     return code, capsys.readouterr().err
 
 
