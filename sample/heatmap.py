@@ -9,15 +9,15 @@ from PIL import Image
 
 
 def word_token_indices(tokenizer, prompt: str, word: str, max_length: int = 77) -> list[int]:
-    """Positions of ``word``'s BPE tokens in the tokenized prompt (BOS at 0). A word may span several tokens
-    (e.g. "skateboard" -> "skate", "board</w>"); DAAM sums their maps. Raises ValueError if absent."""
-    word_ids = tokenizer(word, add_special_tokens=False)["input_ids"]
-    ids = tokenizer(prompt, max_length=max_length, truncation=True)["input_ids"]
-    n = len(word_ids)
-    for start in range(1, len(ids) - n + 1):
-        if ids[start:start + n] == word_ids:
-            return list(range(start, start + n))
-    raise ValueError(f"--heatmap word {word!r} does not occur in the prompt {prompt!r}")
+    """Positions of ``word``'s BPE tokens in the tokenized prompt (BOS at 0), first occurrence
+    (:func:`jaxdiff.steer.relation_maps.word_span`). A word may span several tokens (e.g. "skateboard" ->
+    "skate", "board</w>"); DAAM sums their maps. Raises ValueError if absent."""
+    from jaxdiff.steer.relation_maps import WordNotInPromptError, word_span
+
+    try:
+        return word_span(tokenizer, prompt, word, max_length=max_length)
+    except WordNotInPromptError:
+        raise ValueError(f"--heatmap word {word!r} does not occur in the prompt {prompt!r}") from None
 
 
 def resize_map(m: np.ndarray, height: int, width: int) -> np.ndarray:

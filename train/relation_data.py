@@ -41,7 +41,9 @@ from pathlib import Path
 
 import numpy as np
 
-STEP_INDICES = (5, 10, 15, 20, 25, 49)     # methods.md §4.3: maps saved at these indices of the 50-step schedule
+from jaxdiff.shapesworld.params import RELATIONS
+from jaxdiff.steer.relation_classifier import DEFAULT_STEP_INDICES as STEP_INDICES   # methods.md §4.3
+
 NUM_STEPS = 50
 FIXED_POINT_ITERS = 5
 PSNR_MIN = 19.5
@@ -107,7 +109,7 @@ def shapesworld_rows(index: int, seed: int) -> list[Row]:
             Row(scene.image, wrong_prompt, words, label, 1, index, split)]
 
 
-_PHRASE = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
+_PHRASE = {label: phrase for phrase, label in RELATIONS.items()}   # GenEval prompt wording
 
 
 def folder_triplets(folder: Path) -> list[dict]:

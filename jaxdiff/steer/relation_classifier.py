@@ -46,12 +46,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.checkpoint import write_bytes_atomic
+from jaxdiff.steer.relation_prompts import RELATION_CLASSES
 
 Array = jax.Array
 FORMAT = "jaxdiff-relation-classifier/1"
 WEIGHTS_FILE = "classifier.safetensors"
 CONFIG_FILE = "classifier.json"
-DEFAULT_CLASSES = ("left of", "right of", "above", "below", "is")
+DEFAULT_CLASSES = RELATION_CLASSES
 DEFAULT_STEP_INDICES = (5, 10, 15, 20, 25, 49)
 
 # Small classifier, large inputs to the loss gradient: run its matmuls in full float32 (TPU/GPU defaults may
