@@ -37,6 +37,21 @@ def max_abs(a, b, what: str = "") -> float:
     return err
 
 
+@pytest.fixture(autouse=True)
+def no_persistent_compilation_cache():
+    """Fail any test that leaves JAX's persistent compilation cache on (a CLI run without ``--no-compile-cache``).
+    The cache is process-global: left on, every later test writes its programs to ``~/.cache/jaxdiff``, and a
+    write there once crashed the whole suite (segfault inside ``compilation_cache.put_executable_and_time``)."""
+    yield
+    import jax
+    from jax._src import compilation_cache
+
+    if jax.config.jax_compilation_cache_dir is not None:
+        jax.config.update("jax_compilation_cache_dir", None)
+        compilation_cache.reset_cache()
+        pytest.fail("the test turned on the persistent compilation cache; run CLIs with --no-compile-cache")
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

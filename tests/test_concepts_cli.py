@@ -26,7 +26,7 @@ def table(tiny_sd, tmp_path_factory):
 
 
 def run_cli(capsys, *args) -> tuple[int, str]:
-    code = main(["--quiet", "--steps", "2", *args])
+    code = main(["--quiet", "--no-compile-cache", "--steps", "2", *args])
     err = capsys.readouterr().err
     return code, err
 
