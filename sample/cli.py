@@ -20,7 +20,11 @@ import numpy as np
 SETTINGS = ("model", "prompts", "negative_prompt", "scheduler", "steps", "guidance", "eta", "seed", "num_images",
             "height", "width", "dtype", "init_image", "strength", "init_latents", "heatmap", "concepts", "concept",
             "fair", "concept_scale", "concept_rows", "lowpass", "lowpass_row", "steer_relations", "relation",
-            "relation_loss", "tto_steps", "tto_lr", "tto_iters")
+            "relation_loss", "tto_steps", "tto_lr", "tto_iters", "keep_background", "subject", "replace_steps",
+            "saliency_site", "saliency", "saliency_cotangent", "mask_per_position", "mask_blur", "mask_sigma",
+            "mask_dilation", "background_start")
+BACKGROUND_TUNING = ("subject", "replace_steps", "saliency_site", "saliency", "saliency_cotangent",
+                     "mask_per_position", "mask_blur", "mask_sigma", "mask_dilation", "background_start")
 SMALL_VOCABULARY = 10000   # a caption-language vocabulary (the embedded model's), where an unknown word is a typo
 
 
@@ -193,6 +197,38 @@ def relation_settings(s: dict, model, spec, prompts: list[str], image_hw):
         raise CLIError(str(e)) from None
 
 
+def parse_steps(text: str | None) -> tuple[int, ...] | None:
+    """``"5,18,28"`` -> (5, 18, 28); None stays None."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise CLIError(f"--replace-steps {text}: expected comma-separated step indices, e.g. 5,18,28") from None
+
+
+def background_settings(s: dict, model, spec, prompts: list[str], init_image, init_latents):
+    """(Abs-Grad-SAM steering, its run.json record) of the run's background flags, or (None, None)."""
+    tuning = [f"--{k.replace('_', '-')}" for k in BACKGROUND_TUNING if s.get(k) not in (None, [], (), False)]
+    if not s.get("keep_background"):
+        if tuning:
+            raise CLIError(f"{', '.join(tuning)} need --keep-background")
+        return None, None
+    if init_image is None:
+        raise CLIError("--keep-background needs the reference image: --init-image PATH")
+    from sample.background import BackgroundRequest, background_run
+    request = BackgroundRequest(
+        subjects=tuple(s.get("subject") or ()), replace_steps=parse_steps(s.get("replace_steps")),
+        sites=tuple(s.get("saliency_site") or ()), variant=s.get("saliency") or "abs",
+        cotangent=s.get("saliency_cotangent") or "exact", per_position=bool(s.get("mask_per_position")),
+        **{k: s[f"mask_{k}"] for k in ("blur", "sigma", "dilation") if s.get(f"mask_{k}") is not None},
+        start=s.get("background_start") or "reference")
+    try:
+        return background_run(model, prompts, spec, request, init_image, s["seed"], noise=init_latents)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
 def run(settings: dict, out: Path, *, cache: bool = True, quiet: bool = False) -> dict:
     """Generate from a settings dict (the ``run.json`` schema), write the files, return the sidecar."""
     import jax
@@ -243,11 +279,14 @@ def run(settings: dict, out: Path, *, cache: bool = True, quiet: bool = False) -
                 raise CLIError(str(e)) from None
     relations, relation_record = relation_settings(s, model, spec, prompts,
                                                    None if init_image is None else init_image.shape[1:3])
+    background, background_record = background_settings(s, model, spec, prompts, init_image, init_latents)
     progress = None if quiet else ProgressBar()
     negatives = [s["negative_prompt"]] * len(prompts) if s["negative_prompt"] else None
     reference = None
     try:
-        if table is None and s.get("lowpass") is None and relations is None:
+        from sample.steering import compose
+        extra = None if relations is None and background is None else compose(relations, background)
+        if table is None and s.get("lowpass") is None and extra is None:
             result = generate(model, prompts, spec=spec, seed=s["seed"], negative_prompts=negatives,
                               init_latents=init_latents, init_image=init_image, capture=capture, progress=progress)
         else:
@@ -257,7 +296,7 @@ def run(settings: dict, out: Path, *, cache: bool = True, quiet: bool = False) -
                 scale=s.get("concept_scale"), rows=s.get("concept_rows"), lowpass=s.get("lowpass"),
                 lowpass_row=s.get("lowpass_row") or "uncond", negative_prompts=negatives,
                 init_latents=init_latents, init_image=init_image, capture=capture, progress=progress,
-                extra=relations)
+                extra=extra)
     except ValueError as e:
         raise CLIError(str(e)) from None
 
@@ -275,14 +314,20 @@ def run(settings: dict, out: Path, *, cache: bool = True, quiet: bool = False) -
     if relations is not None:
         from sample.relations import image_reports
         per_relation = image_reports(result.aux["hooks"]["relations"], relation_record)
+    mask_files, per_mask = [], None
+    if background is not None:
+        from sample.background import write_mask_overlays
+        mask_files, per_mask = write_mask_overlays(out, result.images, result.aux["hooks"])
     sidecar = {
         "settings": {k: s.get(k) for k in SETTINGS},
         "model_sha256": model.manifest.get("source_sha256"),
         "model_source": model.manifest.get("source", s["model"]),
         "images": [{"file": f, "prompt": p, "index": k, **({"concepts": per_image[k]} if per_image else {}),
-                    **({"relations": per_relation[k]} if per_relation else {})}
+                    **({"relations": per_relation[k]} if per_relation else {}),
+                    **({"background": per_mask[k]} if per_mask else {})}
                    for k, (f, p) in enumerate(zip(files, prompts))],
         "relation_steering": relation_record,
+        "background_keeping": background_record, "masks": mask_files,
         "concept_table": None if table is None else {
             "method": table.method, "kind": table.kind, "scale": table.scale if s.get("concept_scale") is None
             else s["concept_scale"], "rows": s.get("concept_rows") or table.rows,
@@ -344,6 +389,28 @@ def parse_args(argv) -> argparse.Namespace:
     ap.add_argument("--tto-steps", type=int, help="optimise before steps 0..N-1 (default: half the schedule)")
     ap.add_argument("--tto-lr", type=float, help="gradient step eta (default: the classifier's; SD1 7.5, SD2 5)")
     ap.add_argument("--tto-iters", type=int, help="refinements per step at most (default 15)")
+    ap.add_argument("--keep-background", action="store_true",
+                    help="Abs-Grad-SAM: keep the --init-image's background, replacing the latents outside the "
+                         "subject's saliency mask by the noised reference at --replace-steps")
+    ap.add_argument("--subject", action="append", metavar="WORD",
+                    help="a subject word of the prompt (repeatable; default: a ShapesWorld caption's object nouns)")
+    ap.add_argument("--replace-steps", metavar="R1,R2,...",
+                    help="replace after these executed steps (default: the reference's 5,18,28 of 45, scaled)")
+    ap.add_argument("--saliency-site", action="append", metavar="PATH",
+                    help="cross-attention site(s) of the saliency, e.g. up_blocks_3/attentions_2/"
+                         "transformer_blocks_0/attn2 (default: the last up-block cross-attention)")
+    ap.add_argument("--saliency", choices=("abs", "relu"), help="gradient rectifier (default abs; relu: the "
+                    "released code)")
+    ap.add_argument("--saliency-cotangent", choices=("exact", "random"),
+                    help="exact per-element gradients (default) or the released code's random projections")
+    ap.add_argument("--mask-per-position", action="store_true", help="one mask for all latent channels")
+    ap.add_argument("--mask-blur", type=int, help="Gaussian blur kernel of the scores (odd; default 3)")
+    ap.add_argument("--mask-sigma", type=float, help="Gaussian blur sigma in latent pixels (default 1)")
+    ap.add_argument("--mask-dilation", type=int,
+                    help="3x3 dilations of the mask (default: 3 at 64x64 latents, scaled to the run)")
+    ap.add_argument("--background-start", choices=("reference", "noise"),
+                    help="reference: img2img from the noised reference (default); noise: the released code's "
+                         "pure-noise start")
     ap.add_argument("--out", default="out/sample", help="output folder")
     ap.add_argument("--from-json", help="re-run the settings of a run.json sidecar (other flags are ignored)")
     ap.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA cache")

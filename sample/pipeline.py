@@ -172,6 +172,15 @@ def run_timed(run: Callable[[], dict], programs: tuple, t0: float) -> tuple[dict
                  "compiled": float([p._cache_size() for p in programs] != cache_before)}
 
 
+def start_draws(seed: int, shape: tuple[int, ...], vae_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, Array]:
+    """A run's random draws from its seed: the starting (img2img: added) unit noise ``shape``, img2img's VAE
+    posterior draw ``vae_shape`` and the key of stochastic scheduler steps. A method that needs the run's own
+    noise or reference latents (Abs-Grad-SAM's shared noise) draws them here."""
+    noise_key, vae_key, step_key = jax.random.split(jax.random.PRNGKey(seed), 3)
+    return (np.asarray(jax.random.normal(noise_key, shape, jnp.float32)),
+            np.asarray(jax.random.normal(vae_key, vae_shape, jnp.float32)), step_key)
+
+
 def _sample(model: StableDiffusionModel, prompts: list[str], *, spec: SampleSpec, negative_prompts, seed: int,
             noise, image, vae_noise, edits, capture: StepCaptureSpec | None, progress, mesh) -> SampleResult:
     """Shared host side of txt2img / img2img: check, tokenise, draw noise, place, run, fetch."""
@@ -195,12 +204,10 @@ def _sample(model: StableDiffusionModel, prompts: list[str], *, spec: SampleSpec
     ids = prompt_ids(model, prompts, negative_prompts, guided=spec.guided, time_ids=time_ids)
     shape = (b, *latent_shape(model, height, width))
     vae_shape = (*shape[:3], model.configs["vae"].latent_channels)
-    noise_key, vae_key, step_key = jax.random.split(jax.random.PRNGKey(seed), 3)
-    noise = (np.asarray(jax.random.normal(noise_key, shape, jnp.float32)) if noise is None
-             else check_latents("init_latents", noise, shape))
+    drawn_noise, drawn_vae_noise, step_key = start_draws(seed, shape, vae_shape)
+    noise = drawn_noise if noise is None else check_latents("init_latents", noise, shape)
     if image is not None:
-        vae_noise = (np.asarray(jax.random.normal(vae_key, vae_shape, jnp.float32)) if vae_noise is None
-                     else check_latents("vae_noise", vae_noise, vae_shape))
+        vae_noise = drawn_vae_noise if vae_noise is None else check_latents("vae_noise", vae_noise, vae_shape)
         image = np.asarray(uint8_to_signed(image))
 
     mesh = resolve_mesh(mesh, b)

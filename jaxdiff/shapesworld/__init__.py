@@ -15,10 +15,10 @@ from jaxdiff.shapesworld.judge import (JUDGE, CaptionScore, Check, DetectedObjec
 from jaxdiff.shapesworld.metrics import background_psnr, background_region, background_ssim, deviation_ratio
 from jaxdiff.shapesworld.params import BACKGROUNDS, COLOURS, PALETTE, RELATION_LABELS, SHAPES, SIZES, WORLD, WorldParams
 from jaxdiff.shapesworld.spatial import geneval_relations
-from jaxdiff.shapesworld.world import Scene, eval_captions, make_eval_scene, make_scene
+from jaxdiff.shapesworld.world import Scene, eval_captions, make_eval_scene, make_reference_scene, make_scene
 
 __all__ = ["BACKGROUNDS", "COLOURS", "JUDGE", "NEUTRAL_CAPTIONS", "PALETTE", "RELATION_LABELS", "SHAPES", "SIZES",
            "WORLD", "CaptionError", "CaptionScore", "CaptionSpec", "Check", "DetectedObject", "Detection",
            "ImageError", "JudgeParams", "ObjectPhrase", "Scene", "WorldParams", "background_psnr",
            "background_region", "background_ssim", "detect", "deviation_ratio", "eval_captions", "format_caption",
-           "geneval_relations", "make_eval_scene", "make_scene", "parse_caption", "score_caption"]
+           "geneval_relations", "make_eval_scene", "make_reference_scene", "make_scene", "parse_caption", "score_caption"]

@@ -42,7 +42,7 @@ RELATIONS = {"to the left of": "left of", "to the right of": "right of", "above"
 RELATION_LABELS = tuple(RELATIONS.values())
 
 # Dataset splits: the split code is mixed into every scene's seed, so splits never share a random stream.
-SPLITS = {"train": 0, "eval": 1, "judge": 2, "prototype": 3, "test": 4}
+SPLITS = {"train": 0, "eval": 1, "judge": 2, "prototype": 3, "test": 4, "background": 5}
 
 
 @dataclass(frozen=True)

@@ -170,6 +170,18 @@ def make_eval_scene(index: int, params: WorldParams = WORLD, split: str = "eval"
     return Scene(index, split, image, objects, background, relation, spec)
 
 
+def make_reference_scene(index: int, params: WorldParams = WORLD, split: str = "background") -> Scene:
+    """An object-free scene (a reference background for Abs-Grad-SAM, issue 15): the background kind cycles
+    through BACKGROUNDS (index % 5), its texture is drawn from the scene's stream. ``objects`` is empty; the
+    caption names one random (colour, shape) on that background: the subject to draw into it."""
+    rng = scene_rng(index, split, params)
+    background = BACKGROUNDS[index % len(BACKGROUNDS)]
+    colour, shape = _choice(rng, COLOURS), _choice(rng, SHAPES)
+    image = composite(render_background(background, rng, params.image_size), [])
+    return Scene(index, split, image, (), background, None, CaptionSpec((ObjectPhrase(colour, shape),), None,
+                                                                       background))
+
+
 def eval_captions(n: int = 240, params: WorldParams = WORLD) -> list[str]:
     """The held-out evaluation captions (all attributes named; n // 6 per relation)."""
     return [make_eval_scene(i, params).caption for i in range(n)]
