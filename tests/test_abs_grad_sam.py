@@ -241,3 +241,34 @@ def test_request_errors(models):
         background_run(model, PROMPTS, SPEC, BackgroundRequest(sites=("up_blocks_9/attn2",)), image, seed=0)
     with pytest.raises(BackgroundError, match="no subject"):
         background_run(model, ["a photo"], SPEC, BackgroundRequest(), image, seed=0)
+
+
+def test_composed_with_concepts_and_relations_each_part_acts(models):
+    """compose(concept edits, Learn-to-Steer pre-step hook, Abs-Grad-SAM post-step hook): edits merged, the
+    relation hook runs before each step's UNet call (seeing the concept edits), the background hook after the
+    scheduler step (its saliency under the same edits). Dropping any part changes the images."""
+    from jaxdiff.hooks import add_vector
+    from jaxdiff.steer import learn_to_steer as l2s
+    from jaxdiff.steering import Steering, compose
+    from tests.test_learn_to_steer import PROMPTS as RELATION_PROMPTS
+    from tests.test_learn_to_steer import setup
+
+    model = models["sd1"]
+    spec = SampleSpec(steps=4, guidance=7.5, scheduler="ddim", strength=1.0)
+    image = reference_image(model)
+    width = model.configs["unet"].block_out_channels[-1]
+    concept = Steering(edits=UNetEdits(hspace=add_vector(jnp.linspace(-1.0, 1.0, width), 2.0)))
+    hook, p, _ = setup(model, RELATION_PROMPTS)
+    relations = l2s.relation_steering(hook, p)
+    background, _ = background_run(model, RELATION_PROMPTS, spec,
+                                   BackgroundRequest(subjects=("circle",), replace_steps=(2,)), image, seed=0)
+
+    def run(*parts):
+        return generate(model, RELATION_PROMPTS, spec=spec, seed=0, init_image=image, edits=compose(*parts))
+
+    every = run(concept, relations, background)
+    stats = every.aux["hooks"]
+    assert np.asarray(stats["relations"]["refinements"])[0].min() > 0
+    assert np.asarray(stats["background"]["replaced"])[:, 0].tolist() == [False, True, False, False]
+    for kept in ((relations, background), (concept, background), (concept, relations)):
+        assert not np.array_equal(run(*kept).images, every.images)
