@@ -5,6 +5,8 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jaxdiff  # noqa: E402,F401  (sets the XLA flags jaxdiff needs before any test starts JAX)
+
 import numpy as np
 import pytest
 

@@ -272,3 +272,14 @@ def test_composed_with_concepts_and_relations_each_part_acts(models):
     assert np.asarray(stats["background"]["replaced"])[:, 0].tolist() == [False, True, False, False]
     for kept in ((relations, background), (concept, background), (concept, relations)):
         assert not np.array_equal(run(*kept).images, every.images)
+
+
+def test_xla_workaround_flag():
+    import os
+    from importlib import metadata
+
+    from jaxdiff import xla_flags
+    assert xla_flags.required_flags("0.10.2") == ["--xla_cpu_experimental_ynn_fusion_type=-reduce"]
+    assert xla_flags.required_flags("0.11.0") == []
+    for flag in xla_flags.required_flags(metadata.version("jaxlib")):
+        assert flag.split("=")[0] in os.environ.get("XLA_FLAGS", "")
