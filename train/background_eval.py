@@ -23,7 +23,6 @@ cached under ``--out`` (a killed run resumes); the table goes between the ``back
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
@@ -174,7 +173,7 @@ def run(args) -> dict:
 
     from sample.cli import load_model
     from sample.outputs import save_png, write_json_atomic
-    from train.shapesworld_baseline import labelled_grid, rewrite_block
+    from train.shapesworld_baseline import labelled_grid, publish
 
     t0 = time.perf_counter()
     model = load_model(args.model, "float32")
@@ -227,29 +226,19 @@ def run(args) -> dict:
                       "background_triple.png)", ""]
     block.append(MARK_END)
     text = "\n".join(block)
-    print(text)
-    write_json_atomic(out / "summary.json", {"settings": vars(args), "seconds": time.perf_counter() - t0,
-                                             "summaries": summaries})
-    if args.results:
-        rewrite_block(args.results, text, MARK_START, MARK_END)
-        log(f"rewrote the background block of {args.results}")
+    publish(text, out, {"settings": vars(args), "seconds": time.perf_counter() - t0, "summaries": summaries},
+            args.results, (MARK_START, MARK_END), log)
     return summaries
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.background_eval", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="default: the embedded ShapesWorld model")
-    ap.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
+    from train.shapesworld_baseline import method_eval_parser
+
+    ap = method_eval_parser("python -m train.background_eval", __doc__, ROWS, "runs/background/eval")
     ap.add_argument("--references", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--batch", type=int, default=50)
-    ap.add_argument("--out", default="runs/background/eval")
     ap.add_argument("--figures", default="train/figures")
-    ap.add_argument("--results", default="RESULTS.md")
-    ap.add_argument("--no-results", dest="results", action="store_const", const=None)
     run(ap.parse_args(argv))
     return 0
 

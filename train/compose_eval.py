@@ -24,7 +24,6 @@ markers of ``--results``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
@@ -125,7 +124,7 @@ def run(args) -> dict:
 
     from sample.cli import load_model
     from sample.outputs import write_json_atomic
-    from train.shapesworld_baseline import rewrite_block
+    from train.shapesworld_baseline import publish
 
     model = load_model(args.model, "float32")
     chosen = items(args.captions)
@@ -154,27 +153,17 @@ def run(args) -> dict:
         f"img2img from an object-free reference of the caption's background at strength 0.9, seed {args.seed}, "
         f"{args.steps} steps, guidance {args.guidance}, the same noise in every row.", "", table(summaries), "",
         MARK_END])
-    print(text)
-    write_json_atomic(out / "summary.json", {"settings": vars(args), "summaries": summaries})
-    if args.results:
-        rewrite_block(args.results, text, MARK_START, MARK_END)
-        log(f"rewrote the compose block of {args.results}")
+    publish(text, out, {"settings": vars(args), "summaries": summaries}, args.results, (MARK_START, MARK_END), log)
     return summaries
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.compose_eval", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="default: the embedded ShapesWorld model")
-    ap.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
+    from train.shapesworld_baseline import method_eval_parser
+
+    ap = method_eval_parser("python -m train.compose_eval", __doc__, ROWS, "runs/compose/eval")
     ap.add_argument("--captions", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--batch", type=int, default=30)
-    ap.add_argument("--out", default="runs/compose/eval")
-    ap.add_argument("--results", default="RESULTS.md")
-    ap.add_argument("--no-results", dest="results", action="store_const", const=None)
     run(ap.parse_args(argv))
     return 0
 

@@ -23,7 +23,6 @@ Learn-to-Steer) into ``--figures``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
@@ -128,7 +127,7 @@ def run(args) -> dict:
     from sample.cli import load_model
     from sample.outputs import save_png, write_json_atomic
     from sample.spec import SampleSpec
-    from train.shapesworld_baseline import labelled_grid, rewrite_block
+    from train.shapesworld_baseline import labelled_grid, publish
 
     t0 = time.perf_counter()
     model = load_model(args.model, "float32")
@@ -182,25 +181,18 @@ def run(args) -> dict:
                   "relations_before_after.png)", ""]
     block.append(MARK_END)
     text = "\n".join(block)
-    print(text)
     summary = {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
                "seconds": time.perf_counter() - t0, "results": results}
-    write_json_atomic(out / "summary.json", summary)
-    if args.results:
-        rewrite_block(args.results, text, MARK_START, MARK_END)
-        log(f"rewrote the relations block of {args.results}")
+    publish(text, out, summary, args.results, (MARK_START, MARK_END), log)
     return summary
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.relations_eval", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="default: the embedded ShapesWorld model")
-    ap.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
+    from train.shapesworld_baseline import method_eval_parser
+
+    ap = method_eval_parser("python -m train.relations_eval", __doc__, ROWS, "runs/relations/eval")
     ap.add_argument("--captions", type=int, default=240, help="the baseline's held-out captions (relations: 2/3)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--batch", type=int, default=40)
     ap.add_argument("--classifier", default=None, help="dual-inversion classifier (default: the shipped one)")
     ap.add_argument("--classifier-nodual", default="runs/relations/classifier_nodual")
@@ -208,10 +200,7 @@ def main(argv=None) -> int:
     ap.add_argument("--classifier-nodual-report", default="runs/relations/classifier_nodual")
     ap.add_argument("--lr", type=float, default=None, help="eta of the learned rows (default: the classifier's)")
     ap.add_argument("--centroid-lr", type=float, default=None, help="eta of the centroid row")
-    ap.add_argument("--out", default="runs/relations/eval")
     ap.add_argument("--figures", default="train/figures")
-    ap.add_argument("--results", default="RESULTS.md")
-    ap.add_argument("--no-results", dest="results", action="store_const", const=None)
     run(ap.parse_args(argv))
     return 0
 

@@ -117,6 +117,29 @@ def replace_block(text: str, block: str, start: str = MARK_START, end: str = MAR
     return text.rstrip("\n") + "\n\n" + block + "\n"
 
 
+def method_eval_parser(prog: str, doc: str, rows: tuple[str, ...], out: str) -> argparse.ArgumentParser:
+    """The flags every ShapesWorld method measurement shares (``train.relations_eval``, ``background_eval``,
+    ``compose_eval``): model, rows, sampler steps and guidance, cache folder, the RESULTS.md to rewrite."""
+    ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="default: the embedded ShapesWorld model")
+    ap.add_argument("--rows", nargs="+", choices=rows, default=list(rows))
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--guidance", type=float, default=7.5)
+    ap.add_argument("--out", default=out, help="cached batches (a killed run resumes) and summary.json")
+    ap.add_argument("--results", default="RESULTS.md")
+    ap.add_argument("--no-results", dest="results", action="store_const", const=None)
+    return ap
+
+
+def publish(text: str, out: Path, summary: dict, results: str | None, marks: tuple[str, str], log) -> None:
+    """Print a measurement's markdown block, write ``summary.json`` and rewrite the block in ``results``."""
+    print(text)
+    write_json_atomic(out / "summary.json", summary)
+    if results:
+        rewrite_block(results, text, *marks)
+        log(f"rewrote the block {marks[0]} of {results}")
+
+
 def rewrite_block(path, block: str, start: str = MARK_START, end: str = MARK_END) -> None:
     """Rewrite the block between ``start`` and ``end`` of the markdown file ``path`` (appended if absent)."""
     path = Path(path)
