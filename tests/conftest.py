@@ -5,8 +5,6 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jaxdiff  # noqa: E402,F401  (sets the XLA flags jaxdiff needs before any test starts JAX)
-
 import numpy as np
 import pytest
 
@@ -52,6 +50,16 @@ def no_persistent_compilation_cache():
         jax.config.update("jax_compilation_cache_dir", None)
         compilation_cache.reset_cache()
         pytest.fail("the test turned on the persistent compilation cache; run CLIs with --no-compile-cache")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_compiled_programs():
+    """Drop JAX's compiled programs after each test module. One pytest process compiles hundreds of programs;
+    kept alive, their code mappings and buffers accumulate (4+ GiB RSS late in the suite), and twice a late
+    compilation crashed the process (segfault inside XLA's compile / cache write, never alone)."""
+    yield
+    import jax
+    jax.clear_caches()
 
 
 @pytest.fixture

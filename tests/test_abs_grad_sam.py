@@ -71,7 +71,7 @@ def test_exact_saliency_equals_brute_force_jacobian(models, variant):
     model = models["sd1"]
     ctx, x, site, per_token = brute_force(model, variant)
     onehot, weights = tokens(model)
-    cfg = ags.SaliencyConfig((site,), variant=variant, chunk=300)      # chunks that do not divide n
+    cfg = ags.SaliencyConfig((site,), variant=variant)                  # one VJP at a time (the default)
     got = ags.step_saliency(x, ctx, jnp.asarray(onehot), jnp.asarray(weights), cfg)
     b, j = got.shape[:2]
     want = jnp.einsum("bnk,btk,bjt->bjn", per_token, onehot, weights).reshape(got.shape)
@@ -100,7 +100,7 @@ def test_random_projection_variant_is_the_projected_jacobian(models):
     _, x, site, per_token = brute_force(model, "abs", cotangents=cots)
     onehot, weights = tokens(model)
     got = ags.step_saliency(x, ctx, jnp.asarray(onehot), jnp.asarray(weights),
-                            ags.SaliencyConfig((site,), cotangent="random", chunk=256))
+                            ags.SaliencyConfig((site,), cotangent="random", chunk=3))   # 3 does not divide n
     want = jnp.einsum("bnk,btk,bjt->bjn", per_token, onehot, weights).reshape(got.shape)
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * float(jnp.abs(want).max()))
     exact = ags.step_saliency(x, ctx, jnp.asarray(onehot), jnp.asarray(weights), ags.SaliencyConfig((site,)))
@@ -272,14 +272,3 @@ def test_composed_with_concepts_and_relations_each_part_acts(models):
     assert np.asarray(stats["background"]["replaced"])[:, 0].tolist() == [False, True, False, False]
     for kept in ((relations, background), (concept, background), (concept, relations)):
         assert not np.array_equal(run(*kept).images, every.images)
-
-
-def test_xla_workaround_flag():
-    import os
-    from importlib import metadata
-
-    from jaxdiff import xla_flags
-    assert xla_flags.required_flags("0.10.2") == ["--xla_cpu_experimental_ynn_fusion_type=-reduce"]
-    assert xla_flags.required_flags("0.11.0") == []
-    for flag in xla_flags.required_flags(metadata.version("jaxlib")):
-        assert flag.split("=")[0] in os.environ.get("XLA_FLAGS", "")
