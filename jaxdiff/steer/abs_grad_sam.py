@@ -229,7 +229,9 @@ class KeepBackground:
     mask: MaskConfig = MaskConfig()
 
     def __call__(self, x_in: Array, x_out: Array, captures: dict, ctx: StepContext, p: dict):
-        j = jnp.minimum(ctx.i + 1, p["replace"].shape[0] - 1)
+        # latents index of this step's output; the final output (index N) is never a replacement step, the clamp
+        # only keeps the untaken branch's gather in range
+        j = jnp.minimum(ctx.i + 1, p["replace"].shape[0] - 2)
         do = p["replace"][ctx.i + 1]
 
         def replace(_):
