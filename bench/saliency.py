@@ -44,7 +44,7 @@ def measure_config(name: str, latent: int | None, repeats: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxdiff.hooks import AttnEdit, CaptureSpec, UNetEdits
+    from jaxdiff.hooks import UNetEdits
     from jaxdiff.steer import abs_grad_sam as ags
     from jaxdiff.unet import apply_unet
     from sample.background import resolve_sites
@@ -64,14 +64,9 @@ def measure_config(name: str, latent: int | None, repeats: int) -> dict:
         return apply_unet(p, x, t, ctx, config=cfg)[0]
 
     def saliency(p, x):
-        probs = jax.eval_shape(lambda z: apply_unet(p, z, t, ctx, config=cfg,
-                                                    capture=CaptureSpec.of((site,), "heads"))[1]["attn"], x)
-        shapes = {site: (*probs[site].shape[:3], onehot.shape[1])}
-
-        def eps_fn(d):
-            e = UNetEdits(attn={site: AttnEdit(prob_scale=ags.subject_prob_scale(d[site], onehot))})
-            return apply_unet(p, x, t, ctx, config=cfg, edits=e)[0]
-        return ags.saliency(eps_fn, shapes, onehot, weights, scfg)
+        def model(z, tt, edits, capture):
+            return apply_unet(p, z, tt, ctx, config=cfg, edits=edits, capture=capture)
+        return ags.denoiser_saliency(model, x, t, UNetEdits(), onehot, weights, scfg)
 
     out = {"config": name, "latent": size, "elements": size * size * cfg.in_channels, "site": site.path}
     for what, fn in (("forward", jax.jit(forward)), ("saliency", jax.jit(saliency))):

@@ -101,12 +101,11 @@ def vae_round_trip(model, images: np.ndarray, seed: int) -> np.ndarray:
     from sample.background import encode_reference
     from sample.model_fns import latents_to_unit, unit_to_uint8
     from sample.pipeline import start_draws
+    from sample.spec import latent_shape
 
     vae = model.configs["vae"]
-    f = images.shape[1] // model.configs["unet"].sample_size
-    h, w = images.shape[1] // f, images.shape[2] // f
-    _, vae_noise, _ = start_draws(seed, (len(images), h, w, model.configs["unet"].in_channels),
-                                  (len(images), h, w, vae.latent_channels))
+    h, w, c = latent_shape(model, *images.shape[1:3])
+    _, vae_noise, _ = start_draws(seed, (len(images), h, w, c), (len(images), h, w, vae.latent_channels))
     z = encode_reference(model.params["vae"], np.asarray(uint8_to_signed(images)), vae_noise, config=vae)
     return np.asarray(unit_to_uint8(latents_to_unit(model.params["vae"], jnp.asarray(z), vae)))
 

@@ -135,22 +135,28 @@ def saliency(eps_fn, delta_shapes: dict, onehot: Array, subject_weights: Array, 
     return per_word.reshape(b, subject_weights.shape[1], *elem_shape)
 
 
-def step_saliency(x: Array, ctx: StepContext, onehot: Array, subject_weights: Array, cfg: SaliencyConfig) -> Array:
-    """:func:`saliency` of the conditional noise prediction of step ``ctx.i`` at latents ``x`` (the step's
-    input), under the step's own edits (composed methods stay in force)."""
-    rows = x.shape[0] * (2 if ctx.guided else 1)
-    edits = cond_half_edits(ctx.edits, rows) if ctx.guided else ctx.edits
-    z = scale_model_input(ctx.schedule, x, ctx.i)
+def denoiser_saliency(model, z: Array, t: Array, edits: UNetEdits, onehot: Array, subject_weights: Array,
+                      cfg: SaliencyConfig, key: Array | None = None) -> Array:
+    """:func:`saliency` of a denoiser ``model(x, t, edits, capture) -> (eps, aux)`` at model input ``z``, under
+    ``edits`` (a method's edits stay in force); the sites' delta shapes come from one abstract capture."""
     capture = CaptureSpec.of(cfg.sites, mode="heads")
-    probs = jax.eval_shape(lambda zz: ctx.cond_model(zz, ctx.t, edits, capture)[1]["attn"], z)
-    t_sub = onehot.shape[1]
-    shapes = {s: (*probs[s].shape[:3], t_sub) for s in cfg.sites}
+    probs = jax.eval_shape(lambda zz: model(zz, t, edits, capture)[1]["attn"], z)
+    shapes = {s: (*probs[s].shape[:3], onehot.shape[1]) for s in cfg.sites}
 
     def eps_fn(deltas):
         scale = UNetEdits(attn={s: AttnEdit(prob_scale=subject_prob_scale(d, onehot)) for s, d in deltas.items()})
-        return ctx.cond_model(z, ctx.t, merge_edits(edits, scale), CaptureSpec())[0].astype(jnp.float32)
+        return model(z, t, merge_edits(edits, scale), CaptureSpec())[0].astype(jnp.float32)
 
-    return saliency(eps_fn, shapes, onehot, subject_weights, cfg, ctx.key)
+    return saliency(eps_fn, shapes, onehot, subject_weights, cfg, key)
+
+
+def step_saliency(x: Array, ctx: StepContext, onehot: Array, subject_weights: Array, cfg: SaliencyConfig) -> Array:
+    """:func:`denoiser_saliency` of the conditional noise prediction of step ``ctx.i`` at latents ``x`` (the
+    step's input), under the step's own edits (composed methods stay in force)."""
+    rows = x.shape[0] * (2 if ctx.guided else 1)
+    edits = cond_half_edits(ctx.edits, rows) if ctx.guided else ctx.edits
+    return denoiser_saliency(ctx.cond_model, scale_model_input(ctx.schedule, x, ctx.i), ctx.t, edits, onehot,
+                             subject_weights, cfg, ctx.key)
 
 
 # ------------------------------------------------------------------------------------------------ masks
