@@ -35,6 +35,8 @@ from pathlib import Path
 
 from bench import measure
 from bench.inputs import compare, unet_inputs
+from bench.kernels import top_kernels
+from jaxdiff.attention import KERNEL_ENV
 
 PACKAGES = ("jax", "jaxlib", "flax", "torch", "diffusers", "transformers", "numpy")
 FLAX_VENV = Path(__file__).resolve().parent / ".venv-flax"
@@ -46,8 +48,20 @@ PEAK_TFLOPS = {("H100", "bfloat16"): 989.0, ("H100", "float32"): 67.0,
 
 
 # -------------------------------------------------------------------------------------------- configs
+# An SDXL-shaped UNet at CI size (two levels, text_time conditioning, two transformer layers in the second).
+TINY_SDXL = {"_class_name": "UNet2DConditionModel", "sample_size": 16, "block_out_channels": [32, 64],
+             "layers_per_block": 1, "norm_num_groups": 8, "cross_attention_dim": 64, "attention_head_dim": [2, 4],
+             "use_linear_projection": True, "transformer_layers_per_block": [1, 2],
+             "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+             "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "addition_embed_type": "text_time",
+             "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 24 + 6 * 8}
+CONFIGS = ("tiny", "tiny-sdxl", "sd15", "sdxl")
+
+
 def unet_config(name: str) -> dict:
     """The diffusers ``UNet2DConditionModel`` config of a benchmark config name."""
+    if name == "tiny-sdxl":
+        return dict(TINY_SDXL)
     if name == "tiny":
         from sample.demo import DEMO_CONFIGS
 
@@ -105,8 +119,9 @@ def _device_peak_bytes(device) -> int | None:
 
 
 def run_jax_child(folder: Path, batch: int, dtype: str, repeats: int, warmup: int, cache_dir: str | None,
-                  save_output: str | None) -> dict:
-    """Load (converter), compile (timed, optionally through the persistent cache), time steps."""
+                  save_output: str | None, profile_top: int = 0) -> dict:
+    """Load (converter), compile (timed, optionally through the persistent cache), time steps; with
+    ``profile_top`` also the most expensive ops of a traced step (:mod:`bench.kernels`)."""
     measure.use_persistent_compilation_cache(cache_dir)
     import jax
     import jax.numpy as jnp
@@ -142,6 +157,8 @@ def run_jax_child(folder: Path, batch: int, dtype: str, repeats: int, warmup: in
     cost = cost[0] if isinstance(cost, list) else cost
 
     times = measure.time_calls(lambda: compiled(params, x, t, ctx, added).block_until_ready(), repeats, warmup)
+    kernels = (top_kernels(lambda: compiled(params, x, t, ctx, added).block_until_ready(), repeats, profile_top)
+               if profile_top else None)
     out = np.asarray(compiled(params, x, t, ctx, added), np.float32)
     if save_output:
         np.save(save_output, np.transpose(out, (0, 3, 1, 2)))
@@ -152,6 +169,10 @@ def run_jax_child(folder: Path, batch: int, dtype: str, repeats: int, warmup: in
            "analytic_flops": flops, "xla_flops": float(cost.get("flops", 0.0)) if cost else None,
            "peak_rss_load": peak_load, "rss_before_run": rss_before_run, "peak_rss_run": measure.peak_rss_bytes(),
            "device_peak_bytes": _device_peak_bytes(device), **measure.summarize(times)}
+    if kernels is not None:
+        res["top_kernels"] = kernels
+    if os.environ.get(KERNEL_ENV):
+        res["attention"] = os.environ[KERNEL_ENV]
     peak = next((v for (kind, dt), v in PEAK_TFLOPS.items() if kind in device.device_kind and dt == dtype), None)
     if peak and jax.default_backend() == "gpu":
         res["mfu"] = flops / res["median_s"] / (peak * 1e12)
@@ -207,9 +228,9 @@ def run_torch_child(folder: Path, batch: int, repeats: int, warmup: int, save_ou
 
 
 # ------------------------------------------------------------------------------------------ orchestration
-def _measure(cmd: list[str], threshold: float, max_wait: float, timeout: float, log) -> dict:
+def _measure(cmd: list[str], threshold: float, max_wait: float, timeout: float, log, env: dict | None = None) -> dict:
     before = measure.wait_for_quiet(threshold, max_wait, log=log)
-    res = measure.run_child(cmd, timeout, log=log)
+    res = measure.run_child(cmd, timeout, env=env, log=log)
     res.update(load_before=before, load_after=measure.loadavg())
     log("  -> " + json.dumps({k: res.get(k) for k in ("framework", "median_s", "min_s", "max_s", "compile_s",
                                                        "peak_rss_run", "load_before", "load_after", "error")}))
@@ -222,19 +243,26 @@ def bench_one(name: str, batch: int, args, workdir: Path, log) -> list[dict]:
     py, base = measure.this_python(), ["--weights", str(folder), "--batch", str(batch),
                                        "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
     wait = (args.load_threshold, args.max_wait, args.timeout)
-    outs = {fw: str(workdir / f"out_{name}_b{batch}_{fw}.npy") for fw in ("jax", "torch", "flax")}
+    outs = {fw: str(workdir / f"out_{name}_b{batch}_{fw}.npy") for fw in ("jax", "jax-xla", "torch", "flax")}
     rows = []
     if "jax" in args.frameworks:
         cache = tempfile.mkdtemp(prefix="jaxdiff-cc-", dir=workdir)
         jax_cmd = [py, "-m", "bench.unet_step", "--child", "jax", "--dtype", args.dtype, "--cache-dir", cache,
                    *base]
-        cold = _measure(jax_cmd + ["--save-output", outs["jax"]], *wait, log)
-        cached = _measure(jax_cmd, *wait, log)
-        if "error" not in cold and "error" not in cached:
+        profile = ["--profile-top", str(args.profile_top)] if args.profile_top else []
+        cold = _measure(jax_cmd + ["--save-output", outs["jax"], *profile], *wait, log)
+        cached = None if args.single_run else _measure(jax_cmd, *wait, log)
+        if cached and "error" not in cold and "error" not in cached:
             cold.update(compile_cold_s=cold["compile_s"], compile_cached_s=cached["compile_s"],
                         median_s_second_run=cached["median_s"], cache_entries=len(os.listdir(cache)))
         rows.append({**cold, "framework": "jaxdiff", "run": "cold+cached"} if "error" not in cold else
                     {"framework": "jaxdiff", **cold})
+    if "jax-xla" in args.frameworks:   # the same step with every fast attention on XLA's unfused kernel
+        xla = _measure([py, "-m", "bench.unet_step", "--child", "jax", "--dtype", args.dtype,
+                        "--save-output", outs["jax-xla"], *(["--profile-top", str(args.profile_top)]
+                                                           if args.profile_top else []), *base],
+                       *wait, log, env={KERNEL_ENV: "xla"})
+        rows.append({**xla, "framework": "jaxdiff-xla-attention"})
     if "torch" in args.frameworks:
         threads = ["--torch-threads", str(args.torch_threads)] if args.torch_threads else []
         rows.append({"framework": "diffusers-torch", **_measure(
@@ -257,7 +285,8 @@ def _add_comparisons(rows: list[dict], outs: dict, name: str, batch: int) -> Non
 
     torch_row = next((r for r in rows if r["framework"] == "diffusers-torch" and "median_s" in r), None)
     ref = np.load(outs["torch"]) if torch_row and os.path.exists(outs["torch"]) else None
-    files = {"jaxdiff": outs["jax"], "diffusers-torch": outs["torch"], "diffusers-flax-0.39": outs["flax"]}
+    files = {"jaxdiff": outs["jax"], "jaxdiff-xla-attention": outs["jax-xla"], "diffusers-torch": outs["torch"],
+             "diffusers-flax-0.39": outs["flax"]}
     for r in rows:
         r.update(config=name, batch=batch)
         if "median_s" not in r:
@@ -266,6 +295,8 @@ def _add_comparisons(rows: list[dict], outs: dict, name: str, batch: int) -> Non
             r["torch_over_this"] = torch_row["median_s"] / r["median_s"]
         if ref is not None and r["framework"] != "diffusers-torch" and os.path.exists(files[r["framework"]]):
             r["vs_torch"] = compare(np.load(files[r["framework"]]), ref)
+        if r["framework"] == "jaxdiff" and all(os.path.exists(outs[k]) for k in ("jax", "jax-xla")):
+            r["vs_xla_attention"] = compare(np.load(outs["jax"]), np.load(outs["jax-xla"]))
 
 
 def _num(x, fmt: str) -> str:
@@ -316,12 +347,16 @@ def _fill_flops(rows: list[dict], name: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.unet_step", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", nargs="+", default=["tiny"], choices=["tiny", "sd15", "sdxl"])
+    ap.add_argument("--config", nargs="+", default=["tiny"], choices=CONFIGS)
     ap.add_argument("--batch", nargs="+", type=int, default=[1])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--repeats", type=int, default=5, help="timed steps (median reported)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
-    ap.add_argument("--frameworks", nargs="+", default=["jax", "torch", "flax"], choices=["jax", "torch", "flax"])
+    ap.add_argument("--frameworks", nargs="+", default=["jax", "torch", "flax"],
+                    choices=["jax", "jax-xla", "torch", "flax"],
+                    help="jax-xla: jaxdiff with every fast attention on XLA's unfused kernel (JAXDIFF_ATTENTION=xla)")
+    ap.add_argument("--single-run", action="store_true", help="one jaxdiff run (no second, cache-served compile)")
+    ap.add_argument("--profile-top", type=int, default=0, help="record the N most expensive ops of a jaxdiff step")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxdiff-bench"),
                     help="weights, outputs and compilation caches (reused across runs)")
     ap.add_argument("--json", help="write all result rows here")
@@ -331,7 +366,7 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per child process")
     # internal: the child processes
     ap.add_argument("--child", choices=["jax", "torch"], help=argparse.SUPPRESS)
-    ap.add_argument("--prepare", choices=["tiny", "sd15", "sdxl"], help=argparse.SUPPRESS)
+    ap.add_argument("--prepare", choices=CONFIGS, help=argparse.SUPPRESS)
     ap.add_argument("--weights", help=argparse.SUPPRESS)
     ap.add_argument("--cache-dir", help=argparse.SUPPRESS)
     ap.add_argument("--save-output", help=argparse.SUPPRESS)
@@ -343,7 +378,7 @@ def main(argv=None) -> int:
         return 0
     if args.child == "jax":
         measure.emit_result(run_jax_child(Path(args.weights), args.batch[0], args.dtype, args.repeats,
-                                          args.warmup, args.cache_dir, args.save_output))
+                                          args.warmup, args.cache_dir, args.save_output, args.profile_top))
         return 0
     if args.child == "torch":
         measure.emit_result(run_torch_child(Path(args.weights), args.batch[0], args.repeats, args.warmup,

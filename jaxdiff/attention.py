@@ -8,9 +8,9 @@ Numerics: logits ``q.k^T / sqrt(d)`` and the softmax are always computed in floa
 / ``upcast_softmax`` of diffusers and SD2's ``_ATTN_PRECISION="fp32"``; required for SD2.x in half precision,
 harmless otherwise); the weighted sum of values runs in the value dtype.
 
-Fast path per backend: on GPU, ``jax.nn.dot_product_attention`` with its default implementation, which in
-jax 0.10 is XLA's unfused attention (cuDNN's fused kernel is only used when asked for by name; not done here
-yet, untested on a GPU: BENCHMARKS.md, SD1.5 UNet step on one H200). On CPU the
+Fast path per backend (:func:`attention_kernel`, static per call site): on GPU, cuDNN's fused attention
+(``jax.nn.dot_product_attention(implementation="cudnn")``) for half-precision inputs with head dims it takes,
+else XLA's unfused attention (``implementation="xla"``; ``None`` would also mean XLA in jax 0.10). On CPU the
 explicit einsum + softmax (~1.7x faster than ``dot_product_attention``'s XLA fallback there), with two
 changes that matter for SD1.5's 64x64 self-attention (4096 x 4096 logits, 512 MiB per layer in float32):
 heads are moved before tokens so both products are plain batched matmuls, and large logits are computed in
@@ -22,6 +22,8 @@ change the output" holds exactly; on GPU it holds to the fused kernel's rounding
 """
 
 from __future__ import annotations
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -57,9 +59,58 @@ def _to_bhtd(x_BTHD: Array) -> Array:
     return x_BTHD.transpose(0, 2, 1, 3)
 
 
+KERNELS = ("cpu_blocked", "xla", "cudnn")
+KERNEL_ENV = "JAXDIFF_ATTENTION"  # "auto" (default), "xla" or "cudnn": the fast path's kernel on GPU
+
+
+def _gpu_kernel(dtype, head_dim: int, masked: bool, compute_capability: str | None) -> str:
+    """cuDNN's fused (flash) attention where it applies, else XLA's unfused attention.
+
+    cuDNN's fused kernel takes half precision only (float32 stays on XLA, whose logits are float32 anyway),
+    head dims that are multiples of 8 up to 128, or up to 256 from Hopper (compute capability 9.0) on; SD1.5's
+    head dim 160 therefore needs XLA before Hopper. Masked attention (the CLIP text encoder) stays explicit.
+    """
+    if masked or jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return "xla"
+    major = int(str(compute_capability or "0").split(".")[0])
+    limit = 256 if major >= 9 else 128
+    return "cudnn" if head_dim % 8 == 0 and head_dim <= limit and major >= 8 else "xla"
+
+
+def attention_kernel(backend: str, dtype, head_dim: int, masked: bool, compute_capability: str | None = None,
+                     override: str | None = None) -> str:
+    """The fast path's kernel for one attention call, chosen statically from shapes, dtype and device.
+
+    One rule per backend: ``cpu`` -> ``"cpu_blocked"`` (:func:`_cpu_attention`, bit-identical to the explicit
+    path); ``gpu`` -> :func:`_gpu_kernel`; any other backend (TPU) -> ``"xla"`` (a Pallas kernel, e.g. splash
+    attention, would slot in here). ``override`` (the ``JAXDIFF_ATTENTION`` environment variable, read at
+    trace time) forces ``"xla"`` or ``"cudnn"`` on GPU, for A/B measurements.
+    """
+    if backend == "cpu":
+        return "cpu_blocked"
+    if backend != "gpu":
+        return "xla"
+    if override not in (None, "", "auto"):
+        if override not in ("xla", "cudnn"):
+            raise ValueError(f"{KERNEL_ENV}={override!r}: expected auto, xla or cudnn")
+        return override if not masked else "xla"
+    return _gpu_kernel(dtype, head_dim, masked, compute_capability)
+
+
+def _compute_capability() -> str | None:
+    return getattr(jax.devices()[0], "compute_capability", None)
+
+
 def _fast_attention(q_BTHD: Array, k_BSHD: Array, v_BSHD: Array, mask_BHTS: Array | None) -> Array:
-    if jax.default_backend() == "gpu" and mask_BHTS is None:
-        return jax.nn.dot_product_attention(q_BTHD, k_BSHD, v_BSHD)
+    backend = jax.default_backend()
+    kernel = attention_kernel(backend, q_BTHD.dtype, q_BTHD.shape[-1], mask_BHTS is not None,
+                              _compute_capability() if backend == "gpu" else None, os.environ.get(KERNEL_ENV))
+    if kernel != "cpu_blocked" and mask_BHTS is None:
+        return jax.nn.dot_product_attention(q_BTHD, k_BSHD, v_BSHD, implementation=kernel)
+    return _cpu_attention(q_BTHD, k_BSHD, v_BSHD, mask_BHTS)
+
+
+def _cpu_attention(q_BTHD: Array, k_BSHD: Array, v_BSHD: Array, mask_BHTS: Array | None) -> Array:
     b, t, h, d = q_BTHD.shape
     block = _query_block(b, t, h, k_BSHD.shape[1])
     if mask_BHTS is not None or block == t:

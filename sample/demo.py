@@ -57,11 +57,13 @@ DEMO_SCHEDULER = {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "
                   "set_alpha_to_one": False}
 
 
-def random_demo_model(workdir: Path, seed: int = 0) -> StableDiffusionModel:
-    """The demo model with random weights (cheap numpy init) and a small CLIP-BPE vocabulary."""
+def random_demo_model(workdir: Path, seed: int = 0, configs: dict | None = None) -> StableDiffusionModel:
+    """The demo model with random weights (cheap numpy init) and a small CLIP-BPE vocabulary. ``configs``
+    (``unet``, ``vae``, ``text_encoder`` config dicts; default :data:`DEMO_CONFIGS`) gives other shapes, e.g. a
+    full-size SD1.5 with the demo's vocabulary (benchmarks)."""
     tok_dir = write_clip_vocab(workdir / "tokenizer_src", DEMO_WORDS)
     vocab = json.loads((tok_dir / "vocab.json").read_text())
-    dicts = json.loads(json.dumps(DEMO_CONFIGS))
+    dicts = json.loads(json.dumps(configs or DEMO_CONFIGS))
     te = dicts["text_encoder"]
     te.update(vocab_size=len(vocab), bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
               pad_token_id=vocab["<|endoftext|>"])

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff.attention import BLOCK_LOGITS, _query_block, attend
+from jaxdiff.attention import BLOCK_LOGITS, KERNEL_ENV, _query_block, attend, attention_kernel
 
 
 def test_query_block_sizes():
@@ -32,3 +32,35 @@ def test_blocked_fast_path_equals_explicit_path(batch):
     g_fast = jax.grad(lambda q: attend(q, k, v, heads)[0].sum())(q)
     g_expl = jax.grad(lambda q: attend(q, k, v, heads, capture="mean")[0].sum())(q)
     np.testing.assert_allclose(np.asarray(g_fast), np.asarray(g_expl), atol=1e-6)
+
+
+def test_attention_kernel_selection():
+    """The fast path's kernel per backend, dtype, head dim and device (GPU rules checked without a GPU)."""
+    bf16, f16, f32 = jnp.bfloat16, jnp.float16, jnp.float32
+    assert attention_kernel("cpu", bf16, 64, False) == "cpu_blocked"
+    assert attention_kernel("cpu", f32, 64, True, override="cudnn") == "cpu_blocked"
+    assert attention_kernel("tpu", bf16, 64, False) == "xla"
+    hopper, ampere = "9.0", "8.0"
+    assert attention_kernel("gpu", bf16, 64, False, hopper) == "cudnn"
+    assert attention_kernel("gpu", f16, 128, False, ampere) == "cudnn"
+    assert attention_kernel("gpu", bf16, 160, False, hopper) == "cudnn"     # SD1.5's head dim: Hopper only
+    assert attention_kernel("gpu", bf16, 160, False, ampere) == "xla"
+    assert attention_kernel("gpu", bf16, 264, False, hopper) == "xla"       # > 256
+    assert attention_kernel("gpu", bf16, 60, False, hopper) == "xla"        # not a multiple of 8
+    assert attention_kernel("gpu", f32, 64, False, hopper) == "xla"         # cuDNN: half precision only
+    assert attention_kernel("gpu", bf16, 64, True, hopper) == "xla"         # masked: explicit path
+    assert attention_kernel("gpu", bf16, 64, False, "7.5") == "xla"
+    assert attention_kernel("gpu", bf16, 64, False, hopper, override="xla") == "xla"
+    assert attention_kernel("gpu", f32, 64, False, hopper, override="cudnn") == "cudnn"
+    assert attention_kernel("gpu", bf16, 64, False, hopper, override="auto") == "cudnn"
+    with pytest.raises(ValueError, match=KERNEL_ENV):
+        attention_kernel("gpu", bf16, 64, False, hopper, override="flash")
+
+
+def test_kernel_override_leaves_cpu_outputs_unchanged(monkeypatch):
+    """The GPU override is ignored on CPU: outputs stay bit-identical to the default."""
+    q = jax.random.normal(jax.random.PRNGKey(0), (1, 16, 32))
+    k = jax.random.normal(jax.random.PRNGKey(1), (1, 7, 32))
+    ref = attend(q, k, k, heads=4)[0]
+    monkeypatch.setenv(KERNEL_ENV, "cudnn")
+    np.testing.assert_array_equal(np.asarray(attend(q, k, k, heads=4)[0]), np.asarray(ref))

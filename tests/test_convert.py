@@ -214,3 +214,33 @@ def test_import_jaxdiff_has_no_torch():
             "assert 'torch' not in sys.modules, 'torch imported'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_lazy_conversion_reads_each_tensor_once_after_checking(sd, tmp_path, monkeypatch):
+    """Loaders convert leaf by leaf from the file (the load peak is one copy of the weights): the lazy path gives
+    the same params as the eager one, reads every tensor exactly once, and reads nothing when the checkpoint
+    does not fit (all names and shapes are checked on zero-byte stand-ins first)."""
+    import jax
+
+    from weights_convert.convert import to_device
+    from weights_convert.readers import LazyTensor, open_safetensors
+
+    f = tmp_path / "w.safetensors"
+    save_file({k: v.astype(np.float16) for k, v in sd.items()}, str(f))
+    reads = []
+    real = LazyTensor.__array__
+    monkeypatch.setattr(LazyTensor, "__array__", lambda self, *a, **k: reads.append(self.offset) or real(self, *a, **k))
+    lazy = open_safetensors(f)
+    assert all(isinstance(v, LazyTensor) for v in lazy.values()) and not reads
+    params, report = state_dict_to_params(lazy, small_template(nn.template_maker()), put=to_device)
+    assert sorted(reads) == sorted(t.offset for t in lazy.values())    # each tensor read once
+    eager, _ = state_dict_to_params(read_safetensors(f), small_template(nn.template_maker()))
+    for (ka, a), (kb, b) in zip(sorted(nn_flat(params).items()), sorted(nn_flat(eager).items())):
+        assert ka == kb and isinstance(a, jax.Array) and a.dtype == np.float32
+        np.testing.assert_array_equal(np.asarray(a), b)
+    reads.clear()
+    bad = dict(lazy)
+    bad.pop("time_embedding.linear_1.bias")
+    with pytest.raises(ConversionError, match="missing"):
+        state_dict_to_params(bad, small_template(nn.template_maker()), put=to_device)
+    assert not reads

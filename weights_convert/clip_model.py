@@ -15,7 +15,7 @@ import numpy as np
 from jaxdiff.clip_model import CLIPModelConfig, NoVisionTowerError, init_clip_model
 from jaxdiff.nn import template_maker
 from weights_convert.components import find_weights, read_json
-from weights_convert.convert import ComponentRules, state_dict_to_params
+from weights_convert.convert import ComponentRules, state_dict_to_params, to_device
 from weights_convert.readers import CheckpointError, read_checkpoint
 from weights_convert.rules import LEAF_RULES, LeafRule
 
@@ -56,9 +56,10 @@ def clip_weight_files(folder: str | Path, allow_pickle: bool = False) -> list[Pa
 def load_clip_model(folder: str | Path, *, allow_pickle: bool = False, dtype=np.float32):
     """Convert a transformers ``CLIPModel`` folder -> ``(CLIPModelConfig, params)``."""
     config = clip_model_config(folder)
-    sd: dict[str, np.ndarray] = {}
+    sd: dict = {}
     for f in clip_weight_files(folder, allow_pickle):
-        sd.update(read_checkpoint(f, allow_pickle=allow_pickle))
+        sd.update(read_checkpoint(f, allow_pickle=allow_pickle, lazy=True))
     template = init_clip_model(template_maker(), config)
-    params, _ = state_dict_to_params(sd, template, CLIP_MODEL_RULES, what=f"{folder} as a CLIPModel", dtype=dtype)
+    params, _ = state_dict_to_params(sd, template, CLIP_MODEL_RULES, what=f"{folder} as a CLIPModel", dtype=dtype,
+                                  put=to_device)
     return config, params

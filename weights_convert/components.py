@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxdiff.checkpoint import component_kind, config_from_dict, param_template
-from weights_convert.convert import ComponentRules, state_dict_to_params
+from weights_convert.convert import ComponentRules, state_dict_to_params, to_device
 from weights_convert.readers import CheckpointError, read_checkpoint
 from weights_convert.rules import Rename
 
@@ -60,15 +60,17 @@ def find_weights(folder: Path, stem: str, allow_pickle: bool) -> list[Path]:
     raise CheckpointError(f"{folder}: no {stem}.safetensors or {stem}.bin (found: {found or 'nothing'})")
 
 
-def read_component_state_dict(folder: Path, stem: str, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+def read_component_state_dict(folder: Path, stem: str, allow_pickle: bool = False) -> dict:
+    """Every tensor of the component's weight files, safetensors ones lazily (read at conversion)."""
     sd: dict[str, np.ndarray] = {}
     for f in find_weights(folder, stem, allow_pickle):
-        sd.update(read_checkpoint(f, allow_pickle=allow_pickle))
+        sd.update(read_checkpoint(f, allow_pickle=allow_pickle, lazy=True))
     return sd
 
 
 def convert_component(folder: str | Path, kind: str, *, allow_pickle: bool = False, dtype=np.float32):
-    """Convert a diffusers component folder -> ``(config_dict, config, params)``."""
+    """Convert a diffusers component folder -> ``(config_dict, config, params)``, params on the default device
+    (converted leaf by leaf: the peak is about one copy of the weights)."""
     folder = Path(folder)
     kind = component_kind(kind)
     if kind not in KINDS:
@@ -80,7 +82,7 @@ def convert_component(folder: str | Path, kind: str, *, allow_pickle: bool = Fal
     config = config_from_dict(kind, config_dict)
     sd = read_component_state_dict(folder, k.weight_stem, allow_pickle)
     params, _ = state_dict_to_params(sd, param_template(kind, config), k.rules, what=f"{folder} as {kind}",
-                                     dtype=dtype)
+                                     dtype=dtype, put=to_device)
     return config_dict, config, params
 
 

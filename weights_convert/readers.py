@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import ml_dtypes
@@ -37,9 +38,42 @@ _ST_DTYPES = {
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read every tensor of a ``.safetensors`` file into numpy (float types kept as stored)."""
-    path = Path(path)
+@dataclass(frozen=True)
+class LazyTensor:
+    """One tensor of a safetensors file, read from disk only when converted to an array (``np.asarray``).
+
+    The loaders convert leaf by leaf from these, so a model's weights are never held twice: each tensor is read
+    with a plain ``read`` into its own buffer (not a memory map, whose touched pages would count in the
+    process's resident set until the kernel drops them), laid out, cast, handed on and freed.
+    """
+
+    path: Path
+    offset: int          # of the tensor's first byte in the file
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def __array__(self, dtype=None, copy=None):
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            buf = np.empty(self.nbytes, np.uint8)
+            if f.readinto(memoryview(buf)) != self.nbytes:
+                raise CheckpointError(f"{self.path}: truncated while reading a tensor at byte {self.offset}")
+        out = buf.view(self.dtype).reshape(self.shape)
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
+def open_safetensors(path: str | os.PathLike) -> dict[str, LazyTensor]:
+    """Every tensor of a ``.safetensors`` file as a :class:`LazyTensor` (header parsed and checked, no data
+    read). Corrupt or truncated files raise :class:`CheckpointError` naming the file and the problem."""
+    path = Path(path).absolute()
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     size = path.stat().st_size
@@ -55,25 +89,30 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-        data = np.memmap(f, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else np.zeros(0, np.uint8)
+    data_size = size - 8 - n
     header.pop("__metadata__", None)
     out = {}
     for name, info in header.items():
         try:
-            dtype = _ST_DTYPES[info["dtype"]]
-            shape = tuple(info["shape"])
+            dtype = np.dtype(_ST_DTYPES[info["dtype"]])
+            shape = tuple(int(d) for d in info["shape"])
             begin, end = info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: corrupt safetensors entry for {name!r}: {info!r}") from None
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        if end - begin != nbytes:
-            raise CheckpointError(f"{path}: tensor {name!r} has {end - begin} bytes, expected {nbytes} for "
-                                  f"{info['dtype']}{list(shape)}")
-        if end > data.size:
+        tensor = LazyTensor(path, 8 + n + begin, dtype, shape)
+        if end - begin != tensor.nbytes:
+            raise CheckpointError(f"{path}: tensor {name!r} has {end - begin} bytes, expected {tensor.nbytes} "
+                                  f"for {info['dtype']}{list(shape)}")
+        if end > data_size:
             raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at byte {end} of the data section "
-                                  f"but the file has only {data.size} data bytes")
-        out[name] = np.frombuffer(data[begin:end].tobytes(), dtype=dtype).reshape(shape)
+                                  f"but the file has only {data_size} data bytes")
+        out[name] = tensor
     return out
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read every tensor of a ``.safetensors`` file into numpy (float types kept as stored)."""
+    return {name: np.asarray(t) for name, t in open_safetensors(path).items()}
 
 
 def read_pickle_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, np.ndarray]:
@@ -105,11 +144,15 @@ def read_pickle_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) 
     return out
 
 
-def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, np.ndarray]:
-    """Read ``.safetensors`` (always) or a pickled checkpoint (only with ``allow_pickle``)."""
+def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False, *, lazy: bool = False) -> dict:
+    """Read ``.safetensors`` (always) or a pickled checkpoint (only with ``allow_pickle``).
+
+    ``lazy=True``: safetensors tensors come as :class:`LazyTensor` (read when converted); pickles are always read
+    whole (unpickling cannot be done tensor by tensor).
+    """
     path = Path(path)
     if path.suffix == ".safetensors":
-        return read_safetensors(path)
+        return open_safetensors(path) if lazy else read_safetensors(path)
     if path.suffix in PICKLE_SUFFIXES:
         return read_pickle_checkpoint(path, allow_pickle)
     raise CheckpointError(f"{path}: unknown checkpoint format {path.suffix!r}; expected .safetensors "

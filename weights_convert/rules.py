@@ -42,12 +42,14 @@ def _split3(x: np.ndarray) -> tuple[np.ndarray, ...]:
     return tuple(np.split(x, 3, axis=0))
 
 
+# Views only (transpose, reshape, split): they also run on shape-only stand-ins to check shapes before any
+# tensor is read; the converter makes each piece contiguous while casting it (one copy per leaf).
 LAYOUT_OPS = {
     "identity": lambda x: (x,),
-    "linear_t": lambda x: (np.ascontiguousarray(x.T),),
-    "oihw_to_hwio": lambda x: (np.ascontiguousarray(x.transpose(2, 3, 1, 0)),),
-    "conv1x1_to_linear": lambda x: (np.ascontiguousarray(x.reshape(x.shape[0], x.shape[1]).T),),
-    "split_qkv_linear_t": lambda x: tuple(np.ascontiguousarray(p.T) for p in _split3(x)),
+    "linear_t": lambda x: (x.T,),
+    "oihw_to_hwio": lambda x: (x.transpose(2, 3, 1, 0),),
+    "conv1x1_to_linear": lambda x: (x.reshape(x.shape[0], x.shape[1]).T,),
+    "split_qkv_linear_t": lambda x: tuple(p.T for p in _split3(x)),
     "split_qkv": _split3,
 }
 

@@ -25,7 +25,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from weights_convert import single_file_rules as R
-from weights_convert.convert import ComponentRules, ConversionError, state_dict_to_params
+from weights_convert.convert import ComponentRules, ConversionError, state_dict_to_params, to_device
 from weights_convert.readers import CheckpointError, read_checkpoint
 from weights_convert.rules import IGNORE_ALWAYS, LEAF_RULES
 
@@ -144,11 +144,12 @@ def split_components(state_dict: Mapping[str, np.ndarray], family: str) -> tuple
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], *, family: str | None = None,
                        configs: Mapping[str, dict] | None = None, preset: str | None = None,
                        config_folder=None, templates: Mapping[str, dict] | None = None, dtype=np.float32,
-                       what: str = "single-file checkpoint") -> dict[str, tuple[dict, dict]]:
+                       what: str = "single-file checkpoint", put=None) -> dict[str, tuple[dict, dict]]:
     """Convert an in-memory single-file state dict -> ``{component: (diffusers config dict, params)}``.
 
     ``templates`` (optional, per component) replaces the model's parameter template; by default it is built
-    from the config with :func:`jaxdiff.checkpoint.param_template`.
+    from the config with :func:`jaxdiff.checkpoint.param_template`. ``put``: where each converted leaf goes
+    (see :func:`weights_convert.convert.state_dict_to_params`; the file loaders use the default device).
     """
     family = family or sniff_family(state_dict)
     if configs is None:
@@ -165,7 +166,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], *, family: str | No
             template = param_template(comp, config_from_dict(comp, cfg))
         try:
             params, _ = state_dict_to_params(sd, template, component_rules(family, comp, cfg),
-                                             what=f"{what} ({family}) {comp}", dtype=dtype)
+                                             what=f"{what} ({family}) {comp}", dtype=dtype, put=put)
         except ConversionError as e:
             errors.append(e)
             continue
@@ -200,8 +201,9 @@ def convert_single_file(path: str | os.PathLike, *, config_folder: str | os.Path
     :func:`list_presets` (default from the detected family: sd1 -> sd15, sd2 -> sd21 (768, v-prediction),
     sdxl-base -> sdxl-base); ``config_folder``: a diffusers folder whose ``<component>/config.json`` override it.
     """
-    sd = read_checkpoint(path, allow_pickle=allow_pickle)
-    return convert_state_dict(sd, preset=preset, config_folder=config_folder, dtype=dtype, what=str(path))
+    sd = read_checkpoint(path, allow_pickle=allow_pickle, lazy=True)
+    return convert_state_dict(sd, preset=preset, config_folder=config_folder, dtype=dtype, what=str(path),
+                              put=to_device)
 
 
 def load_single_file(path: str | os.PathLike, *, allow_pickle: bool = False, config_folder=None,
@@ -214,10 +216,11 @@ def load_single_file(path: str | os.PathLike, *, allow_pickle: bool = False, con
     from weights_convert.pipeline import sha256_files
 
     path = Path(path).absolute()
-    sd = read_checkpoint(path, allow_pickle=allow_pickle)
+    sd = read_checkpoint(path, allow_pickle=allow_pickle, lazy=True)
     family = sniff_family(sd)
     preset, config_dicts, scheduler, tokenizers = resolve_configs(family, preset=preset, config_folder=config_folder)
-    converted = convert_state_dict(sd, family=family, configs=config_dicts, dtype=dtype, what=str(path))
+    converted = convert_state_dict(sd, family=family, configs=config_dicts, dtype=dtype, what=str(path),
+                                   put=to_device)
     configs = {c: config_from_dict(c, d) for c, (d, _) in converted.items()}
     params = {c: p for c, (_, p) in converted.items()}
     manifest = {"source": str(path), "source_kind": "single_file", "family": family, "preset": preset,
