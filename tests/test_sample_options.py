@@ -46,6 +46,21 @@ def test_bfloat16_weights(tiny_sd):
     assert 0 < err < 0.5 and pix.mean() < 5.0
 
 
+def test_cli_loads_bfloat16_leaf_by_leaf(tiny_sd):
+    """``--dtype bfloat16`` casts while converting (no float32 copy of the whole model is held beside it): every
+    float leaf is the float32 load rounded to bf16, on the device."""
+    import jax
+    import jax.numpy as jnp
+
+    from sample.cli import load_model
+    model, folder = tiny_sd
+    bf16 = load_model(folder, "bfloat16")
+    leaves = jax.tree.leaves(bf16.params)
+    assert all(isinstance(x, jax.Array) and x.dtype == jnp.bfloat16 for x in leaves)
+    for a, b in zip(leaves, jax.tree.leaves(model.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(jnp.asarray(b, jnp.bfloat16)))
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(spec=SampleSpec(height=33)), "multiples of the VAE factor 2"),
     (dict(spec=SampleSpec(width=0)), "multiples of the VAE factor"),
