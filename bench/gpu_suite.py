@@ -37,7 +37,7 @@ from bench import measure
 PACKAGES = ("jax", "jaxlib", "flax", "torch", "diffusers", "transformers", "numpy")
 
 
-def sections(tiny: bool, out: Path, workdir: Path) -> list[tuple[str, list[str], float]]:
+def sections(tiny: bool, workdir: Path) -> list[tuple[str, list[str], float]]:
     """(name, argv after ``python -m``, timeout seconds) of every section, full size or tiny."""
     common = ["--max-wait", "0", "--load-threshold", "99", "--workdir", str(workdir)]
     if tiny:
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     workdir = Path(args.workdir) if args.workdir else out / "work"
     t0 = time.perf_counter()
     suite = {"machine": measure.machine_info(PACKAGES), "tiny": args.tiny, "budget_s": args.budget, "sections": []}
-    for name, sec_argv, timeout in sections(args.tiny, out, workdir):
+    for name, sec_argv, timeout in sections(args.tiny, workdir):
         if args.only and name not in args.only:
             continue
         if time.perf_counter() - t0 > args.budget:

@@ -136,7 +136,9 @@ def _attention_core(q_BHTD, k_BHSD, v_BHSD, mask_BHTS, edits: tuple[AttnEdit, ..
     order within each stage: every logit edit, the softmax, every probability edit, every value scale."""
     edits = edits or ()
     scale = q_BHTD.shape[-1] ** -0.5
-    logits = jnp.einsum("bhtd,bhsd->bhts", q_BHTD.astype(jnp.float32), k_BHSD.astype(jnp.float32)) * scale
+    # Half-precision q, k go into the matmul as they are, accumulated in float32: their products are exact in
+    # float32, so this is the upcast of diffusers' ``upcast_attention`` without a float32 matmul (tensor cores).
+    logits = jnp.einsum("bhtd,bhsd->bhts", q_BHTD, k_BHSD, preferred_element_type=jnp.float32) * scale
     if mask_BHTS is not None:
         logits = jnp.where(mask_BHTS, logits, -jnp.inf)
     for edit in edits:

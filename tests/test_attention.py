@@ -64,3 +64,16 @@ def test_kernel_override_leaves_cpu_outputs_unchanged(monkeypatch):
     ref = attend(q, k, k, heads=4)[0]
     monkeypatch.setenv(KERNEL_ENV, "cudnn")
     np.testing.assert_array_equal(np.asarray(attend(q, k, k, heads=4)[0]), np.asarray(ref))
+
+
+def test_half_precision_logits_accumulate_in_float32():
+    """bf16 q, k are multiplied without an explicit upcast but accumulated in float32: the logits equal the
+    upcast-then-matmul reference to float32 summation order, and the captured probabilities are float32."""
+    key = jax.random.PRNGKey(3)
+    q = jax.random.normal(key, (2, 64, 64)).astype(jnp.bfloat16)
+    k = jax.random.normal(jax.random.fold_in(key, 1), (2, 77, 64)).astype(jnp.bfloat16)
+    _, probs = attend(q, k, k, heads=2, capture="heads")
+    qf, kf = (x.astype(jnp.float32).reshape(2, -1, 2, 32).transpose(0, 2, 1, 3) for x in (q, k))
+    ref = jax.nn.softmax(jnp.einsum("bhtd,bhsd->bhts", qf, kf) * 32 ** -0.5, axis=-1)
+    assert probs.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(probs), np.asarray(ref), rtol=1e-5, atol=1e-7)

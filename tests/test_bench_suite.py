@@ -18,7 +18,7 @@ def test_gpu_suite_runs_on_tiny_models(tmp_path):
     run(["bench.gpu_suite", str(tmp_path / "out"), "--tiny"], 900)
     suite = json.loads((tmp_path / "out" / "suite.json").read_text())
     names = [s["name"] for s in suite["sections"]]
-    assert names == [name for name, _, _ in sections(True, tmp_path, tmp_path)]
+    assert names == [name for name, _, _ in sections(True, tmp_path)]
     md = (tmp_path / "out" / "suite.md").read_text()
     for s in suite["sections"]:
         assert s["rc"] == 0 and "result" in s, s
