@@ -45,7 +45,7 @@ def sections(tiny: bool, workdir: Path) -> list[tuple[str, list[str], float]]:
         sdxl = ("tiny-sdxl", ["1"], "float32", ["--repeats", "2", "--warmup", "1"])
         pipe = ["--config", "tiny", "--batch", "2", "--steps", "2", "3", "--repeats", "1"]
         steer = ["--model", "tiny", "--batch", "2", "--steps", "3", "--repeats", "1"]
-        methods = ["--model", "tiny", "--batch", "1", "--steps", "3", "--repeats", "1", "--variants", "plain", "ags"]
+        methods = ["--model", "tiny", "--batch", "1", "--steps", "3", "--repeats", "1", "--variants", "ags"]
         timeout = 600.0
     else:
         unet = ("sd15", ["1", "8"], "bfloat16", ["--repeats", "10", "--warmup", "2"])
