@@ -131,14 +131,22 @@ def _cpu_attention(q_BTHD: Array, k_BSHD: Array, v_BSHD: Array, mask_BHTS: Array
     return out_MHCD.reshape(b, n, h, block, -1).transpose(0, 1, 3, 2, 4).reshape(b, t, h, v_BSHD.shape[-1])
 
 
+def _logits(q_BHTD: Array, k_BHSD: Array) -> Array:
+    """float32 ``q.k^T``. On accelerators half-precision q, k go into the matmul as they are, accumulated in
+    float32: their products are exact in float32, so this is diffusers' ``upcast_attention`` without a float32
+    matmul (tensor cores). On CPU they are upcast first, which keeps CPU results bit-identical to earlier
+    releases (the two differ in summation order only)."""
+    if jax.default_backend() == "cpu" or q_BHTD.dtype == jnp.float32:
+        return jnp.einsum("bhtd,bhsd->bhts", q_BHTD.astype(jnp.float32), k_BHSD.astype(jnp.float32))
+    return jnp.einsum("bhtd,bhsd->bhts", q_BHTD, k_BHSD, preferred_element_type=jnp.float32)
+
+
 def _attention_core(q_BHTD, k_BHSD, v_BHSD, mask_BHTS, edits: tuple[AttnEdit, ...] | None):
     """Returns (out (B, H, T, D), probs (B, H, T, S) float32 after edits). Several edits of one site apply in
     order within each stage: every logit edit, the softmax, every probability edit, every value scale."""
     edits = edits or ()
     scale = q_BHTD.shape[-1] ** -0.5
-    # Half-precision q, k go into the matmul as they are, accumulated in float32: their products are exact in
-    # float32, so this is the upcast of diffusers' ``upcast_attention`` without a float32 matmul (tensor cores).
-    logits = jnp.einsum("bhtd,bhsd->bhts", q_BHTD, k_BHSD, preferred_element_type=jnp.float32) * scale
+    logits = _logits(q_BHTD, k_BHSD) * scale
     if mask_BHTS is not None:
         logits = jnp.where(mask_BHTS, logits, -jnp.inf)
     for edit in edits:

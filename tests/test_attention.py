@@ -67,8 +67,8 @@ def test_kernel_override_leaves_cpu_outputs_unchanged(monkeypatch):
 
 
 def test_half_precision_logits_accumulate_in_float32():
-    """bf16 q, k are multiplied without an explicit upcast but accumulated in float32: the logits equal the
-    upcast-then-matmul reference to float32 summation order, and the captured probabilities are float32."""
+    """bf16 q, k give float32 logits and probabilities equal to the upcast-then-matmul reference (on GPU to
+    float32 summation order: there the matmul takes bf16 inputs with float32 accumulation)."""
     key = jax.random.PRNGKey(3)
     q = jax.random.normal(key, (2, 64, 64)).astype(jnp.bfloat16)
     k = jax.random.normal(jax.random.fold_in(key, 1), (2, 77, 64)).astype(jnp.bfloat16)
