@@ -59,7 +59,6 @@ def _to_bhtd(x_BTHD: Array) -> Array:
     return x_BTHD.transpose(0, 2, 1, 3)
 
 
-KERNELS = ("cpu_blocked", "xla", "cudnn")
 KERNEL_ENV = "JAXDIFF_ATTENTION"  # "auto" (default), "xla" or "cudnn": the fast path's kernel on GPU
 
 

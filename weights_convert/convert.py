@@ -89,7 +89,8 @@ def state_dict_to_params(state_dict, template: dict, rules: ComponentRules = Com
     Two passes, so that a model's weights are never held twice: the first checks every name and shape on
     zero-byte stand-ins (nothing is read), the second reads one source tensor at a time (values may be
     :class:`weights_convert.readers.LazyTensor`), lays it out, casts it in the same copy and hands it to
-    ``put`` (e.g. ``jax.device_put``; default: keep the numpy array) before the next is read.
+    ``put`` (e.g. ``jax.device_put``; default: keep the numpy array, which may then be the source array itself
+    when no layout change or cast was needed) before the next is read.
     """
     slots = flatten_template(template)
     plan: list[tuple[str, LeafRule, tuple[str, ...]]] = []
