@@ -83,8 +83,7 @@ def variant_call(variant: str, model, spec, prompts: list[str], noise: np.ndarra
         return run(init_latents=noise, edits=concept_steering(table, weights, guided=spec.guided))
     if variant == "ags":
         from sample.background import BackgroundRequest, background_run
-        h, w = output_size(model, spec, None)
-        reference = np.random.default_rng(1).integers(0, 256, (1, h, w, 3), dtype=np.uint8)
+        reference = random_reference(model, spec)
         steering, _ = background_run(model, prompts, spec, BackgroundRequest(subjects=("circle",)), reference, 0,
                                      noise=noise)
         return lambda: generate(model, prompts, spec=spec, seed=0, init_image=reference, init_latents=noise,
@@ -96,11 +95,16 @@ def variant_call(variant: str, model, spec, prompts: list[str], noise: np.ndarra
     raise ValueError(f"unknown variant {variant!r}")
 
 
-def plain_img2img(model, spec, prompts, noise):
-    from sample.pipeline import generate
+def random_reference(model, spec) -> np.ndarray:
+    """A (1, H, W, 3) uint8 noise image of the run's size (the cost does not depend on its content)."""
     from sample.spec import output_size
     h, w = output_size(model, spec, None)
-    reference = np.random.default_rng(1).integers(0, 256, (1, h, w, 3), dtype=np.uint8)
+    return np.random.default_rng(1).integers(0, 256, (1, h, w, 3), dtype=np.uint8)
+
+
+def plain_img2img(model, spec, prompts, noise):
+    from sample.pipeline import generate
+    reference = random_reference(model, spec)
     return lambda: generate(model, prompts, spec=spec, seed=0, init_image=reference, init_latents=noise)
 
 

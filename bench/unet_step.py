@@ -245,11 +245,11 @@ def bench_one(name: str, batch: int, args, workdir: Path, log) -> list[dict]:
     wait = (args.load_threshold, args.max_wait, args.timeout)
     outs = {fw: str(workdir / f"out_{name}_b{batch}_{fw}.npy") for fw in ("jax", "jax-xla", "torch", "flax")}
     rows = []
+    profile = ["--profile-top", str(args.profile_top)] if args.profile_top else []
     if "jax" in args.frameworks:
         cache = tempfile.mkdtemp(prefix="jaxdiff-cc-", dir=workdir)
         jax_cmd = [py, "-m", "bench.unet_step", "--child", "jax", "--dtype", args.dtype, "--cache-dir", cache,
                    *base]
-        profile = ["--profile-top", str(args.profile_top)] if args.profile_top else []
         cold = _measure(jax_cmd + ["--save-output", outs["jax"], *profile], *wait, log)
         cached = None if args.single_run else _measure(jax_cmd, *wait, log)
         if cached and "error" not in cold and "error" not in cached:
@@ -259,8 +259,7 @@ def bench_one(name: str, batch: int, args, workdir: Path, log) -> list[dict]:
                     {"framework": "jaxdiff", **cold})
     if "jax-xla" in args.frameworks:   # the same step with every fast attention on XLA's unfused kernel
         xla = _measure([py, "-m", "bench.unet_step", "--child", "jax", "--dtype", args.dtype,
-                        "--save-output", outs["jax-xla"], *(["--profile-top", str(args.profile_top)]
-                                                           if args.profile_top else []), *base],
+                        "--save-output", outs["jax-xla"], *profile, *base],
                        *wait, log, env={KERNEL_ENV: "xla"})
         rows.append({**xla, "framework": "jaxdiff-xla-attention"})
     if "torch" in args.frameworks:

@@ -62,14 +62,14 @@ def _to_bhtd(x_BTHD: Array) -> Array:
 KERNEL_ENV = "JAXDIFF_ATTENTION"  # "auto" (default), "xla" or "cudnn": the fast path's kernel on GPU
 
 
-def _gpu_kernel(dtype, head_dim: int, masked: bool, compute_capability: str | None) -> str:
+def _gpu_kernel(dtype, head_dim: int, compute_capability: str | None) -> str:
     """cuDNN's fused (flash) attention where it applies, else XLA's unfused attention.
 
     cuDNN's fused kernel takes half precision only (float32 stays on XLA, whose logits are float32 anyway),
     head dims that are multiples of 8 up to 128, or up to 256 from Hopper (compute capability 9.0) on; SD1.5's
-    head dim 160 therefore needs XLA before Hopper. Masked attention (the CLIP text encoder) stays explicit.
+    head dim 160 therefore needs XLA before Hopper.
     """
-    if masked or jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return "xla"
     major = int(str(compute_capability or "0").split(".")[0])
     limit = 256 if major >= 9 else 128
@@ -80,20 +80,21 @@ def attention_kernel(backend: str, dtype, head_dim: int, masked: bool, compute_c
                      override: str | None = None) -> str:
     """The fast path's kernel for one attention call, chosen statically from shapes, dtype and device.
 
-    One rule per backend: ``cpu`` -> ``"cpu_blocked"`` (:func:`_cpu_attention`, bit-identical to the explicit
-    path); ``gpu`` -> :func:`_gpu_kernel`; any other backend (TPU) -> ``"xla"`` (a Pallas kernel, e.g. splash
+    ``"blocked"`` (:func:`_blocked_attention`, the explicit softmax in query blocks, bit-identical to the path
+    that edits and captures) for masked attention (the CLIP text encoder) and on CPU; otherwise one rule per
+    backend: ``gpu`` -> :func:`_gpu_kernel`; any other backend (TPU) -> ``"xla"`` (a Pallas kernel, e.g. splash
     attention, would slot in here). ``override`` (the ``JAXDIFF_ATTENTION`` environment variable, read at
     trace time) forces ``"xla"`` or ``"cudnn"`` on GPU, for A/B measurements.
     """
-    if backend == "cpu":
-        return "cpu_blocked"
+    if masked or backend == "cpu":
+        return "blocked"
     if backend != "gpu":
         return "xla"
     if override not in (None, "", "auto"):
         if override not in ("xla", "cudnn"):
             raise ValueError(f"{KERNEL_ENV}={override!r}: expected auto, xla or cudnn")
-        return override if not masked else "xla"
-    return _gpu_kernel(dtype, head_dim, masked, compute_capability)
+        return override
+    return _gpu_kernel(dtype, head_dim, compute_capability)
 
 
 def _compute_capability() -> str | None:
@@ -104,12 +105,12 @@ def _fast_attention(q_BTHD: Array, k_BSHD: Array, v_BSHD: Array, mask_BHTS: Arra
     backend = jax.default_backend()
     kernel = attention_kernel(backend, q_BTHD.dtype, q_BTHD.shape[-1], mask_BHTS is not None,
                               _compute_capability() if backend == "gpu" else None, os.environ.get(KERNEL_ENV))
-    if kernel != "cpu_blocked" and mask_BHTS is None:
-        return jax.nn.dot_product_attention(q_BTHD, k_BSHD, v_BSHD, implementation=kernel)
-    return _cpu_attention(q_BTHD, k_BSHD, v_BSHD, mask_BHTS)
+    if kernel == "blocked":
+        return _blocked_attention(q_BTHD, k_BSHD, v_BSHD, mask_BHTS)
+    return jax.nn.dot_product_attention(q_BTHD, k_BSHD, v_BSHD, implementation=kernel)
 
 
-def _cpu_attention(q_BTHD: Array, k_BSHD: Array, v_BSHD: Array, mask_BHTS: Array | None) -> Array:
+def _blocked_attention(q_BTHD: Array, k_BSHD: Array, v_BSHD: Array, mask_BHTS: Array | None) -> Array:
     b, t, h, d = q_BTHD.shape
     block = _query_block(b, t, h, k_BSHD.shape[1])
     if mask_BHTS is not None or block == t:

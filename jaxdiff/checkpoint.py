@@ -175,12 +175,13 @@ def load_model(path: str | os.PathLike, dtype=None) -> StableDiffusionModel:
     config_dicts = {n: c["config"] for n, c in manifest["components"].items()}
     configs = {n: config_from_dict(n, d) for n, d in config_dicts.items()}
     template = {n: param_template(n, c) for n, c in configs.items()}
+    if dtype is not None:   # Orbax casts while restoring: the float32 weights are never all held beside the cast
+        template = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype)
+                                if np.issubdtype(s.dtype, np.floating) else s, template)
     try:
         params = ocp.StandardCheckpointer().restore(path / "params", template)
     except (ValueError, FileNotFoundError) as e:
         raise ModelLoadError(f"{path}/params: checkpoint does not match the manifest's configs: {e}") from None
-    if dtype is not None:
-        params = jax.tree.map(lambda x: x.astype(dtype), params)
     sched = path / "scheduler" / "scheduler_config.json"
     scheduler_config = json.loads(sched.read_text()) if sched.is_file() else {}
     tokenizer_dirs = {n: str(path / n) for n in manifest.get("tokenizers", [])}

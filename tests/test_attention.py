@@ -37,8 +37,8 @@ def test_blocked_fast_path_equals_explicit_path(batch):
 def test_attention_kernel_selection():
     """The fast path's kernel per backend, dtype, head dim and device (GPU rules checked without a GPU)."""
     bf16, f16, f32 = jnp.bfloat16, jnp.float16, jnp.float32
-    assert attention_kernel("cpu", bf16, 64, False) == "cpu_blocked"
-    assert attention_kernel("cpu", f32, 64, True, override="cudnn") == "cpu_blocked"
+    assert attention_kernel("cpu", bf16, 64, False) == "blocked"
+    assert attention_kernel("cpu", f32, 64, True, override="cudnn") == "blocked"
     assert attention_kernel("tpu", bf16, 64, False) == "xla"
     hopper, ampere = "9.0", "8.0"
     assert attention_kernel("gpu", bf16, 64, False, hopper) == "cudnn"
@@ -48,7 +48,9 @@ def test_attention_kernel_selection():
     assert attention_kernel("gpu", bf16, 264, False, hopper) == "xla"       # > 256
     assert attention_kernel("gpu", bf16, 60, False, hopper) == "xla"        # not a multiple of 8
     assert attention_kernel("gpu", f32, 64, False, hopper) == "xla"         # cuDNN: half precision only
-    assert attention_kernel("gpu", bf16, 64, True, hopper) == "xla"         # masked: explicit path
+    assert attention_kernel("gpu", bf16, 64, True, hopper) == "blocked"     # masked: explicit path
+    assert attention_kernel("gpu", bf16, 64, True, hopper, override="cudnn") == "blocked"
+    assert attention_kernel("tpu", bf16, 64, True) == "blocked"
     assert attention_kernel("gpu", bf16, 64, False, "7.5") == "xla"
     assert attention_kernel("gpu", bf16, 64, False, hopper, override="xla") == "xla"
     assert attention_kernel("gpu", f32, 64, False, hopper, override="cudnn") == "cudnn"

@@ -43,6 +43,13 @@ def test_cli_convert_and_load(demo, capsys):
     assert m["components"]["unet"]["num_params"] > 0
     assert (d / "converted" / "tokenizer" / "vocab.json").is_file()
     assert loaded.scheduler_config["_class_name"] == "PNDMScheduler"
+    # a dtype is applied by Orbax while restoring: equal to the float32 load rounded, leaf for leaf
+    import jax
+    import jax.numpy as jnp
+    bf16 = load_model(d / "converted", dtype=jnp.bfloat16)
+    for a, b in zip(jax.tree.leaves(bf16.params), jax.tree.leaves(loaded.params)):
+        assert a.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b.astype(jnp.bfloat16)))
 
 
 def test_on_the_fly_equals_converted(demo):
